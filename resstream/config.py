@@ -1,0 +1,134 @@
+"""Model configuration: one frozen dataclass, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post")
+POSITIONS = ("learned", "rotary")
+MLPS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A ModelConfig field, or a combination of fields, is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and architecture of a resstream Transformer.
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`. `d_head` defaults to
+    `d_model // n_heads` and `d_mlp` to `4 * d_model` (None for attention-only models).
+    """
+
+    vocab_size: int = 256
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int | None = None
+    d_mlp: int | None = None
+    n_ctx: int = 256
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_placement: str = "pre"  # "pre": x + f(norm(x));  "post": norm(x + f(x))
+    positions: str = "learned"  # "learned" (W_pos, the "pos_embed" write) | "rotary"
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    attn_only: bool = False
+    tied_embeddings: bool = False
+    residual: bool = True  # False: each sublayer's output replaces the stream (a plain network)
+    dropout: float = 0.0  # on the embedding and on every write, in training only
+    stochastic_depth: float = 0.0  # drop probability of the last layer; grows linearly from 0
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    norm_eps: float = 1e-5
+    rotary_base: float = 10_000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.d_head is None:
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        if self.d_mlp is None and not self.attn_only:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)
+        if self.positions == "rotary" and self.d_head % 2:
+            raise ConfigError(
+                f"positions='rotary' needs an even d_head, got d_head={self.d_head}: "
+                "choose d_model / n_heads even, set d_head to an even number, or use positions='learned'"
+            )
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def sublayers_per_layer(self) -> int:
+        return 1 if self.attn_only else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**values)
+
+
+def _choice(cfg: ModelConfig, field: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, field)
+    if value not in choices:
+        raise ConfigError(f"{field}={value!r} is not supported: choose one of {list(choices)}")
+
+
+def _positive_int(cfg: ModelConfig, field: str) -> None:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    for field in ("vocab_size", "n_layers", "d_model", "n_heads", "n_ctx"):
+        _positive_int(cfg, field)
+    for field in ("d_head", "d_mlp"):
+        if getattr(cfg, field) is not None:
+            _positive_int(cfg, field)
+    _choice(cfg, "norm", NORMS)
+    _choice(cfg, "norm_placement", NORM_PLACEMENTS)
+    _choice(cfg, "positions", POSITIONS)
+    _choice(cfg, "mlp", MLPS)
+    _choice(cfg, "dtype", DTYPES)
+    _choice(cfg, "param_dtype", DTYPES)
+    if cfg.d_head is None and cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: choose d_model a multiple "
+            f"of n_heads (e.g. {cfg.n_heads * max(1, cfg.d_model // cfg.n_heads)}), or set d_head explicitly"
+        )
+    if cfg.attn_only and cfg.d_mlp is not None:
+        raise ConfigError(
+            f"d_mlp={cfg.d_mlp} is set but attn_only=True has no MLP: drop d_mlp or set attn_only=False"
+        )
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 <= cfg.stochastic_depth < 1.0:
+        raise ConfigError(f"stochastic_depth must be in [0, 1), got {cfg.stochastic_depth}")
+    if cfg.stochastic_depth > 0 and not cfg.residual:
+        raise ConfigError(
+            "stochastic_depth > 0 needs residual=True: dropping a layer of a plain network leaves no "
+            "stream to pass on; set stochastic_depth=0.0 or residual=True"
+        )
+    if cfg.norm_eps <= 0:
+        raise ConfigError(f"norm_eps must be positive, got {cfg.norm_eps}")
+    if cfg.init_std <= 0:
+        raise ConfigError(f"init_std must be positive, got {cfg.init_std}")
+    if cfg.rotary_base <= 1:
+        raise ConfigError(f"rotary_base must be greater than 1, got {cfg.rotary_base}")

@@ -1,0 +1,423 @@
+"""A decoder-only transformer whose blocks read from and write to a carried residual stream.
+
+Parameter names follow TransformerLens: W_E, W_pos, blocks.{ln1,attn,ln2,mlp}, ln_final, W_U, b_U,
+with attention weights per head (W_Q [n_heads, d_model, d_head], W_O [n_heads, d_head, d_model]).
+Every block parameter carries a leading layer axis: the layers are created with `nnx.vmap` and run
+with one `jax.lax.scan`, so compile time does not grow with depth.
+
+The mathematics, for a pre-LN model with residual connections:
+
+    x = W_E[tokens] + W_pos[:seq]                              (writes "embed", "pos_embed")
+    for each layer l:
+        x = x + attn_l(ln1_l(x))                               (writes "{l}_attn_out")
+        x = x + mlp_l(ln2_l(x))                                (writes "{l}_mlp_out")
+    logits = ln_final(x) @ W_U + b_U
+
+post-LN: x = ln1_l(x + attn_l(x)); x = ln2_l(x + mlp_l(x)); no final norm.
+residual=False: the `x +` is dropped, each sublayer's output becomes the stream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resstream.config import ModelConfig
+from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream
+
+Cache = dict[str, jax.Array]
+
+# Records whose leading axis is the layer axis (stacked by the scan); the rest start at batch.
+LAYER_RECORDS = frozenset(
+    {"attn_out", "mlp_out", "z", "ln1_scale", "ln2_scale", *OPTIONAL_RECORDS}
+)
+
+
+class TokenError(ValueError):
+    """Token ids or sequence lengths that the model cannot take."""
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+def _zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm ((x - mean) / scale * w + b) or RMSNorm (x / scale * w), computed in float32.
+
+    Returns the normalised activations and the scale [..., 1] that the exact decomposition freezes:
+    LayerNorm scale = sqrt(var(x) + eps), RMSNorm scale = sqrt(mean(x**2) + eps).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        self.w = nnx.Param(jnp.ones((cfg.d_model,), cfg.params_dtype))
+        self.b = _zeros((cfg.d_model,), cfg.params_dtype) if cfg.norm == "layernorm" else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        scale = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        y = x / scale * self.w.value.astype(jnp.float32)
+        if self.b is not None:
+            y = y + self.b.value.astype(jnp.float32)
+        return y.astype(self.dtype), scale
+
+
+def rotary_tables(seq: int, d_head: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [seq, d_head] for GPT-NeoX-style rotary embeddings (rotate-half)."""
+    inv_freq = base ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)
+    angles = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]
+    angles = np.concatenate([angles, angles], axis=-1)
+    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+
+
+def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, n_heads, d_head]; cos, sin [seq, d_head]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with per-head weights."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        h, d, e, pdt = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
+        self.dtype = cfg.compute_dtype
+        self.W_Q = _normal(rngs, (h, d, e), cfg.init_std, pdt)
+        self.W_K = _normal(rngs, (h, d, e), cfg.init_std, pdt)
+        self.W_V = _normal(rngs, (h, d, e), cfg.init_std, pdt)
+        # GPT-2's scaled init of the projections that write to the stream.
+        self.W_O = _normal(rngs, (h, e, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.b_Q = _zeros((h, e), pdt)
+        self.b_K = _zeros((h, e), pdt)
+        self.b_V = _zeros((h, e), pdt)
+        self.b_O = _zeros((d,), pdt)
+
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, want_pattern: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """x [batch, seq, d_model] -> (attn_out [batch, seq, d_model],
+        z [batch, seq, n_heads, d_head], pattern [batch, n_heads, seq_q, seq_k] or None)."""
+        batch, seq, d_model = x.shape
+        dt = self.dtype
+        flat = x.reshape(batch * seq, d_model).astype(dt)
+
+        def project(w: nnx.Param, b: nnx.Param) -> jax.Array:
+            y = jnp.einsum("nd,hde->nhe", flat, w.value.astype(dt)) + b.value.astype(dt)
+            return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, n_heads, d_head]
+
+        q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
+        if rope is not None:
+            q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
+        pattern = None
+        if want_pattern:
+            scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32)
+            scores = scores / math.sqrt(q.shape[-1])
+            causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+            scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+            pattern = jax.nn.softmax(scores, axis=-1)
+            z = jnp.einsum("bhqk,bkhe->bqhe", pattern.astype(dt), v)
+        else:
+            z = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O.value.astype(dt))
+        out = out + self.b_O.value.astype(dt)
+        return out.reshape(batch, seq, d_model), z, pattern
+
+
+class MLP(nnx.Module):
+    """gelu: gelu(x W_in + b_in) W_out + b_out (tanh GELU, as GPT-2);
+    swiglu: (silu(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, m, pdt = cfg.d_model, cfg.d_mlp, cfg.params_dtype
+        self.kind = cfg.mlp
+        self.dtype = cfg.compute_dtype
+        self.W_in = _normal(rngs, (d, m), cfg.init_std, pdt)
+        self.b_in = _zeros((m,), pdt)
+        self.W_gate = _normal(rngs, (d, m), cfg.init_std, pdt) if cfg.mlp == "swiglu" else None
+        self.b_gate = _zeros((m,), pdt) if cfg.mlp == "swiglu" else None
+        self.W_out = _normal(rngs, (m, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.b_out = _zeros((d,), pdt)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [batch, seq, d_model] -> (mlp_out [batch, seq, d_model], post [batch, seq, d_mlp])."""
+        batch, seq, d_model = x.shape
+        dt = self.dtype
+        # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
+        flat = x.reshape(batch * seq, d_model).astype(dt)
+        pre = flat @ self.W_in.value.astype(dt) + self.b_in.value.astype(dt)
+        if self.kind == "swiglu":
+            gate = flat @ self.W_gate.value.astype(dt) + self.b_gate.value.astype(dt)
+            post = jax.nn.silu(gate) * pre
+        else:
+            post = jax.nn.gelu(pre, approximate=True)
+        out = post @ self.W_out.value.astype(dt) + self.b_out.value.astype(dt)
+        return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)
+
+
+class Block(nnx.Module):
+    """One layer: attention then (unless attention-only) MLP, each reading and writing the stream."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.post_ln = cfg.norm_placement == "post"
+        self.dropout = cfg.dropout
+        self.ln1 = Norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln2 = None if cfg.attn_only else Norm(cfg)
+        self.mlp = None if cfg.attn_only else MLP(cfg, rngs=rngs)
+
+    def __call__(
+        self,
+        stream: ResidualStream,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        rng: jax.Array | None = None,
+        drop_prob: jax.Array | float = 0.0,
+    ) -> ResidualStream:
+        """Apply the layer. `rng` (training only) drives dropout and stochastic depth, which drops
+        the whole layer for a batch element with probability `drop_prob` (and rescales survivors)."""
+        if rng is not None:
+            attn_key, mlp_key, depth_key = jax.random.split(rng, 3)
+            batch = stream.resid.shape[0]
+            keep = jax.random.bernoulli(depth_key, 1.0 - drop_prob, (batch, 1, 1))
+            depth_mask = keep / (1.0 - drop_prob)
+        else:
+            attn_key = mlp_key = depth_mask = None
+
+        def finish(write: jax.Array, key: jax.Array | None) -> jax.Array:
+            write = _dropout(write, self.dropout, key)
+            return write if depth_mask is None else (write * depth_mask).astype(write.dtype)
+
+        stream = stream.record("resid_pre", stream.read())
+        stream = stream.record_stat("resid_pre_norm", jnp.mean(_norm_of(stream.read())))
+        stream = self._sublayer(stream, self.ln1, "ln1", "attn_out", self._attn(rope, stream), attn_key, finish)
+        if self.mlp is not None:
+            stream = stream.record("resid_mid", stream.read())
+            stream = self._sublayer(stream, self.ln2, "ln2", "mlp_out", self._mlp(), mlp_key, finish)
+        return stream
+
+    def _attn(self, rope, stream: ResidualStream):
+        want_pattern = stream.wants("pattern")
+
+        def run(s: ResidualStream, h: jax.Array) -> tuple[ResidualStream, jax.Array]:
+            out, z, pattern = self.attn(h, rope, want_pattern)
+            s = s.record("z", z)
+            if pattern is not None:
+                s = s.record("pattern", pattern)
+            return s, out
+
+        return run
+
+    def _mlp(self):
+        def run(s: ResidualStream, h: jax.Array) -> tuple[ResidualStream, jax.Array]:
+            out, post = self.mlp(h)
+            return s.record("mlp_post", post), out
+
+        return run
+
+    def _sublayer(self, stream, norm, norm_name, write_name, sublayer, key, finish) -> ResidualStream:
+        if self.post_ln:  # x = norm(x + f(x))
+            stream, out = sublayer(stream, stream.read())
+            stream = stream.write(write_name, finish(out, key))
+            y, scale = norm(stream.read())
+            return stream.record(f"{norm_name}_scale", scale).replace_resid(y)
+        h, scale = norm(stream.read())  # x = x + f(norm(x))
+        stream = stream.record(f"{norm_name}_scale", scale)
+        stream, out = sublayer(stream, h)
+        return stream.write(write_name, finish(out, key))
+
+
+def _norm_of(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+
+
+def check_tokens(tokens: Any, cfg: ModelConfig) -> jax.Array:
+    """Validate token ids [batch, seq] and return them as an int32 array.
+
+    Concrete arrays are checked against the vocabulary here. Traced arrays (inside a user's `jit`)
+    cannot raise; for them the embedding lookup returns NaN for out-of-range ids instead of
+    clamping them, so the error surfaces as a non-finite loss rather than as wrong numbers.
+    """
+    if not isinstance(tokens, jax.core.Tracer):
+        tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TokenError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        hint = ": use tokens[None] for a single sequence" if tokens.ndim == 1 else ""
+        raise TokenError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}{hint}")
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise TokenError(f"tokens must hold at least one sequence of one token, got shape {tokens.shape}")
+    if tokens.shape[1] > cfg.n_ctx:
+        raise TokenError(
+            f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}: "
+            f"truncate or split the input to at most {cfg.n_ctx} tokens, or use a config with larger n_ctx"
+        )
+    if not isinstance(tokens, jax.core.Tracer):
+        bad = np.argwhere((np.asarray(tokens) < 0) | (np.asarray(tokens) >= cfg.vocab_size))
+        if len(bad):
+            b, t = (int(i) for i in bad[0])
+            raise TokenError(
+                f"token id {int(tokens[b, t])} at [batch {b}, position {t}] is outside the vocabulary "
+                f"[0, {cfg.vocab_size}) ({len(bad)} such ids in all): check the tokenizer, or raise "
+                "vocab_size in the config"
+            )
+    return jnp.asarray(tokens, jnp.int32)
+
+
+class Transformer(nnx.Module):
+    """The residual-stream transformer.
+
+    >>> model = Transformer(ModelConfig(n_layers=2, d_model=64, n_heads=4), rngs=nnx.Rngs(0))
+    >>> logits = model(tokens)                       # [batch, seq, vocab], float32
+    >>> logits, cache = model.run_with_cache(tokens)  # cache: every write, z, norm scales
+
+    Pass `rng` to train (dropout and stochastic depth); without it the model is deterministic.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = cfg.params_dtype
+        self.W_E = _normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt)
+        self.W_pos = _normal(rngs, (cfg.n_ctx, cfg.d_model), cfg.init_std, pdt) if cfg.positions == "learned" else None
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter has a leading [n_layers] axis
+        self.ln_final = Norm(cfg) if cfg.norm_placement == "pre" else None
+        self.W_U = None if cfg.tied_embeddings else _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt)
+        self.b_U = _zeros((cfg.vocab_size,), pdt)
+
+    # ----------------------------------------------------------------------------------- pieces
+    @property
+    def unembed_matrix(self) -> jax.Array:
+        """W_U [d_model, vocab] (W_E transposed when the embeddings are tied)."""
+        return self.W_E.value.T if self.W_U is None else self.W_U.value
+
+    def rope(self, seq: int) -> tuple[jax.Array, jax.Array] | None:
+        cfg = self.cfg
+        return rotary_tables(seq, cfg.d_head, cfg.rotary_base) if cfg.positions == "rotary" else None
+
+    def layer(self, index: int) -> Block:
+        """Layer `index` as a standalone Block (a view of that slice of the stacked weights)."""
+        graphdef, state = nnx.split(self.blocks)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+    def embed(
+        self, tokens: jax.Array, mode: str = "off", record: tuple[str, ...] = (), rng: jax.Array | None = None
+    ) -> ResidualStream:
+        """tokens [batch, seq] -> the initial stream [batch, seq, d_model] ("embed" + "pos_embed")."""
+        cfg = self.cfg
+        keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+        # mode="fill": an out-of-range id gives NaN, never a silently clamped row.
+        embed = jnp.take(self.W_E.value, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        embed = _dropout(embed.astype(cfg.compute_dtype), cfg.dropout, keys[0])
+        stream = ResidualStream(embed, {}, mode=mode, residual=True, optional=record)
+        stream = stream.record("embed", embed)
+        if self.W_pos is not None:
+            pos = jnp.broadcast_to(self.W_pos.value[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
+            pos = _dropout(pos, cfg.dropout, keys[1])
+            stream = ResidualStream(embed + pos, stream.records, mode=mode, residual=True, optional=record)
+            stream = stream.record("pos_embed", pos)
+        return stream.replace(residual=cfg.residual)
+
+    def unembed(self, resid: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Final stream [batch, seq, d_model] -> (logits [batch, seq, vocab] float32, final scale)."""
+        scale = None
+        if self.ln_final is not None:
+            resid, scale = self.ln_final(resid)
+        dt = self.cfg.compute_dtype
+        logits = jnp.einsum(
+            "...d,dv->...v", resid.astype(dt), self.unembed_matrix.astype(dt), preferred_element_type=jnp.float32
+        )
+        return logits + self.b_U.value.astype(jnp.float32), scale
+
+    # ---------------------------------------------------------------------------------- forward
+    def __call__(self, tokens: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
+        return self._forward(tokens, mode="off", record=(), rng=rng)[0]
+
+    def run_with_cache(
+        self,
+        tokens: jax.Array,
+        *,
+        mode: str = "full",
+        record: tuple[str, ...] = (),
+        rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache]:
+        """Forward pass that also returns what the blocks recorded.
+
+        mode "full": the cache holds "embed" [batch, seq, d_model], "pos_embed" (learned positions),
+        "attn_out" and "mlp_out" [n_layers, batch, seq, d_model], "z" [n_layers, batch, seq, n_heads,
+        d_head], "ln1_scale"/"ln2_scale" [n_layers, batch, seq, 1], "resid_final" [batch, seq, d_model]
+        (the stream before the final norm) and "ln_final_scale" [batch, seq, 1] (pre-LN).
+        `record` adds any of "resid_pre", "resid_mid" [n_layers, batch, seq, d_model],
+        "mlp_post" [n_layers, batch, seq, d_mlp], "pattern" [n_layers, batch, n_heads, seq_q, seq_k].
+        mode "stats": per-layer scalars [n_layers]: "resid_pre_norm", and for each write
+        ("attn_out", "mlp_out") "{write}_norm", "{write}_resid_norm", "{write}_cos" (token means).
+        The logits are the same in every mode.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not a recording mode: choose one of {list(MODES)}")
+        unknown = sorted(set(record) - set(OPTIONAL_RECORDS))
+        if unknown:
+            raise ValueError(f"cannot record {unknown}: optional records are {list(OPTIONAL_RECORDS)}")
+        if record and mode != "full":
+            raise ValueError(f"record={record} needs mode='full', got mode={mode!r}")
+        return self._forward(tokens, mode=mode, record=tuple(record), rng=rng)
+
+    def _forward(
+        self, tokens: jax.Array, *, mode: str, record: tuple[str, ...], rng: jax.Array | None
+    ) -> tuple[jax.Array, Cache]:
+        cfg = self.cfg
+        tokens = check_tokens(tokens, cfg)
+        embed_rng, block_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
+        stream = self.embed(tokens, mode, record, embed_rng)
+        rope = self.rope(tokens.shape[1])
+
+        graphdef, block_state = nnx.split(self.blocks)
+        if block_rng is None:
+            per_layer = (block_state, None, None)
+        else:
+            drop_probs = jnp.linspace(0.0, cfg.stochastic_depth, cfg.n_layers, dtype=jnp.float32)
+            per_layer = (block_state, jax.random.split(block_rng, cfg.n_layers), drop_probs)
+
+        def body(resid: jax.Array, xs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            layer_state, layer_rng, drop_prob = xs
+            layer_stream = stream.replace(resid=resid, records={})
+            layer_stream = nnx.merge(graphdef, layer_state)(layer_stream, rope, layer_rng, drop_prob)
+            return layer_stream.resid, layer_stream.records
+
+        resid, layer_records = jax.lax.scan(body, stream.resid, per_layer)
+        logits, final_scale = self.unembed(resid)
+
+        cache: Cache = {}
+        if mode == "full":
+            cache = {**stream.records, **layer_records, "resid_final": resid}
+            if final_scale is not None:
+                cache["ln_final_scale"] = final_scale
+        elif mode == "stats":
+            cache = dict(layer_records)
+        return logits, cache
