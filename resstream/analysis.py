@@ -1,1 +1,357 @@
-"""placeholder"""
+"""Exact decomposition of the residual stream and of the logits into per-component contributions.
+
+Every function takes the model and a cache from `model.run_with_cache(tokens)` and returns a
+`Labelled` stack: `values` [n_rows, ...] with one label per row, in TransformerLens's vocabulary
+(`embed`, `pos_embed`, `{l}_attn_out`, `{l}_mlp_out`, `L{l}H{h}`, ...).
+
+With each norm's scale frozen at its value in the forward pass, the stream and the logits are
+linear in the recorded writes, so the rows sum back exactly (up to float32 rounding):
+- pre-LN: component c reaches the logits as ((c - mean(c)) / scale_final * w_final) @ W_U
+  (RMSNorm drops the centring); the final norm's bias and b_U form the `bias` row.
+- post-LN: each norm maps every earlier component through c -> (c - mean(c)) / scale * w, and
+  adds its bias as a component of its own (`{l}_ln1_bias`, `{l}_ln2_bias`).
+- residual=False: a write replaces the stream, so only the last write (and what later norms add)
+  is a component of what follows.
+Unlike TransformerLens without weight folding, the norm weight w is applied: the sums are exact.
+
+`pos` and `batch` select positions and sequences (an int, a slice or an index array) before any
+work is done, so one position of a long batch costs one position's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from resstream.model import LAYER_RECORDS, Cache, Transformer
+
+Index = int | slice | jax.Array | Any
+F32 = jnp.float32
+
+
+@struct.dataclass
+class Labelled:
+    """Rows with labels: `values` [n_rows, ...] and `labels` (one per row). A pytree.
+
+    For decompositions the rows are additive components: `.sum()` is the decomposed quantity.
+    """
+
+    values: jax.Array
+    labels: tuple[str, ...] = struct.field(pytree_node=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[str, jax.Array]]:
+        return iter(zip(self.labels, self.values, strict=True))
+
+    def __getitem__(self, label: str) -> jax.Array:
+        try:
+            return self.values[self.labels.index(label)]
+        except ValueError:
+            raise KeyError(f"no row {label!r}; rows are {list(self.labels)}") from None
+
+    def sum(self) -> jax.Array:
+        return jnp.sum(self.values, axis=0)
+
+    def to_dict(self) -> dict[str, jax.Array]:
+        return dict(zip(self.labels, self.values, strict=True))
+
+
+# --------------------------------------------------------------------------------- selection
+def _take(x: jax.Array, axis: int, index: Index) -> jax.Array:
+    return x if index is None else x[(slice(None),) * axis + (index,)]
+
+
+class _View:
+    """The cache with `batch` and `pos` selected, each entry sliced (and cast to f32) on first use."""
+
+    def __init__(self, cache: Cache, batch: Index, pos: Index):
+        self.cache, self.batch, self.pos, self._done = cache, batch, pos, {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.cache
+
+    def __getitem__(self, key: str) -> jax.Array:
+        if key not in self._done:
+            if key not in self.cache:
+                hint = "model.run_with_cache(tokens) (mode='full')"
+                if key in ("resid_pre", "resid_mid", "mlp_post", "pattern"):
+                    hint = f"model.run_with_cache(tokens, record=({key!r},))"
+                raise KeyError(f"the cache has no {key!r}: make it with {hint}")
+            x = self.cache[key]
+            batch_axis = 1 if key in LAYER_RECORDS else 0
+            seq_axis = batch_axis + (2 if key == "pattern" else 1)  # pattern: [.., batch, head, q, k]
+            x = _take(_take(x, seq_axis, self.pos), batch_axis, self.batch)
+            self._done[key] = x.astype(F32)
+        return self._done[key]
+
+
+def _point(model: Transformer, layer: int | None, mid: bool) -> int:
+    """The point in the stream as a count of sublayers applied: layer l's input is l * per_layer."""
+    cfg = model.cfg
+    per_layer = cfg.sublayers_per_layer
+    if layer is None:
+        if mid:
+            raise ValueError("mid=True needs a layer: the stream between layer's attention and MLP")
+        return cfg.n_layers * per_layer
+    if not -cfg.n_layers <= layer <= cfg.n_layers:  # negative counts from the last layer
+        raise ValueError(f"layer={layer} is out of range: the model has layers 0..{cfg.n_layers - 1} "
+                         f"(and {cfg.n_layers} or None for the final stream)")
+    layer = layer + cfg.n_layers if layer < 0 else layer
+    if mid and (cfg.attn_only or layer == cfg.n_layers):
+        raise ValueError("mid=True names the stream between a layer's attention and its MLP: "
+                         f"{'an attention-only model has none' if cfg.attn_only else 'not the final stream'}")
+    return layer * per_layer + int(mid)
+
+
+def _sublayer(model: Transformer, k: int) -> tuple[int, str]:
+    """Sublayer k -> (layer, "attn" | "mlp")."""
+    if model.cfg.attn_only:
+        return k, "attn"
+    return k // 2, ("attn", "mlp")[k % 2]
+
+
+def _center(x: jax.Array, model: Transformer) -> jax.Array:
+    return x - jnp.mean(x, axis=-1, keepdims=True) if model.cfg.norm == "layernorm" else x
+
+
+def _norm_params(model: Transformer, layer: int, kind: str) -> tuple[jax.Array, jax.Array | None]:
+    norm = model.blocks.ln1 if kind == "attn" else model.blocks.ln2
+    bias = None if norm.b is None else norm.b.value[layer].astype(F32)
+    return norm.w.value[layer].astype(F32), bias
+
+
+def _write_rows(model: Transformer, view: _View, layer: int, kind: str, split_heads: bool):
+    """The rows [k, ..., d_model] and labels of one sublayer's write."""
+    if kind == "attn" and split_heads:
+        rows = head_rows(model, view, layer)
+        return rows, [f"L{layer}H{h}" for h in range(model.cfg.n_heads)] + [f"L{layer}_b_O"]
+    return view[f"{kind}_out"][layer][None], [f"{layer}_{kind}_out"]
+
+
+def _components(model: Transformer, view: _View, point: int, split_heads: bool) -> tuple[list, list]:
+    """Blocks of rows [k_i, ..., d_model] that sum to the stream at `point`, and their labels."""
+    cfg = model.cfg
+    blocks = [view["embed"][None]]
+    labels = ["embed"]
+    if "pos_embed" in view:
+        blocks.append(view["pos_embed"][None])
+        labels.append("pos_embed")
+    for k in range(point):
+        layer, kind = _sublayer(model, k)
+        rows, row_labels = _write_rows(model, view, layer, kind, split_heads)
+        if cfg.residual:
+            blocks, labels = [*blocks, rows], labels + row_labels
+        else:
+            blocks, labels = [rows], row_labels
+        if cfg.norm_placement == "post":  # frozen-scale norm: linear in every component
+            w, b = _norm_params(model, layer, kind)
+            scale = view[f"ln{1 if kind == 'attn' else 2}_scale"][layer]
+            blocks = [_center(x, model) / scale * w for x in blocks]
+            if b is not None:
+                blocks.append(jnp.broadcast_to(b, view["embed"].shape)[None])
+                labels.append(f"{layer}_ln{1 if kind == 'attn' else 2}_bias")
+    return blocks, labels
+
+
+def head_rows(model: Transformer, view: _View, layer: int) -> jax.Array:
+    """[n_heads + 1, ..., d_model]: z_h @ W_O[h] for each head, then b_O."""
+    W_O = model.blocks.attn.W_O.value[layer].astype(F32)
+    heads = jnp.einsum("...he,hed->h...d", view["z"][layer], W_O)
+    b_O = jnp.broadcast_to(model.blocks.attn.b_O.value[layer].astype(F32), heads.shape[1:])
+    return jnp.concatenate([heads, b_O[None]], axis=0)
+
+
+# ------------------------------------------------------------------------------ public API
+def decompose_resid(
+    model: Transformer,
+    cache: Cache,
+    layer: int | None = None,
+    *,
+    mid: bool = False,
+    split_heads: bool = False,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Components [n, ..., d_model] that sum to the stream entering `layer` (None: the final
+    stream, before the final norm); `mid=True`: the stream between that layer's attention and MLP.
+    `split_heads` replaces each `{l}_attn_out` row by its heads `L{l}H{h}` and `L{l}_b_O`."""
+    view = _View(cache, batch, pos)
+    blocks, labels = _components(model, view, _point(model, layer, mid), split_heads)
+    return Labelled(jnp.concatenate(blocks, axis=0), tuple(labels))
+
+
+def _final_linear(model: Transformer, view: _View, rows: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Rows of the final stream -> their share of the final norm's output, and the norm's bias."""
+    if model.ln_final is None:  # post-LN: no final norm
+        return rows, None
+    scaled = _center(rows, model) / view["ln_final_scale"] * model.ln_final.w.value.astype(F32)
+    bias = None if model.ln_final.b is None else model.ln_final.b.value.astype(F32)
+    return scaled, bias
+
+
+def decompose_logits(
+    model: Transformer,
+    cache: Cache,
+    *,
+    split_heads: bool = False,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Direct contributions [n, ..., vocab] of every component to the logits, plus a `bias` row
+    (final norm bias @ W_U + b_U). The rows sum to the logits the model produced."""
+    view = _View(cache, batch, pos)
+    resid = decompose_resid(model, cache, split_heads=split_heads, pos=pos, batch=batch)
+    scaled, norm_bias = _final_linear(model, view, resid.values)
+    W_U = model.unembed_matrix.astype(F32)
+    direct = scaled @ W_U
+    bias = jnp.broadcast_to(model.b_U.value.astype(F32), direct.shape[1:])
+    if norm_bias is not None:
+        bias = bias + norm_bias @ W_U
+    return Labelled(jnp.concatenate([direct, bias[None]], axis=0), (*resid.labels, "bias"))
+
+
+def _token_selection(tokens: Any, cache: Cache, pos: Index, batch: Index) -> jax.Array:
+    """Tokens given for the whole [batch, seq] are selected like the cache; others broadcast."""
+    tokens = jnp.asarray(tokens)
+    if tokens.shape == cache["embed"].shape[:2]:
+        tokens = _take(_take(tokens, 1, pos), 0, batch)
+    return tokens
+
+
+def logit_attrs(
+    model: Transformer,
+    cache: Cache,
+    tokens: Any,
+    incorrect_tokens: Any = None,
+    *,
+    split_heads: bool = False,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Direct logit attribution [n, ...] of each component to the logit of `tokens` (or to the
+    difference logit[tokens] - logit[incorrect_tokens]). `tokens` is an id, or ids of the full
+    [batch, seq] shape (selected with `pos`/`batch`), or ids shaped like the selection.
+    Computed against the chosen columns of W_U only: no [n, ..., vocab] array is made."""
+    view = _View(cache, batch, pos)
+    resid = decompose_resid(model, cache, split_heads=split_heads, pos=pos, batch=batch)
+    scaled, norm_bias = _final_linear(model, view, resid.values)
+    W_U, b_U = model.unembed_matrix.astype(F32), model.b_U.value.astype(F32)
+    shape = scaled.shape[1:-1]
+    correct = jnp.broadcast_to(_token_selection(tokens, cache, pos, batch), shape)
+    direction, bias = W_U.T[correct], b_U[correct]  # [..., d_model], [...]
+    if incorrect_tokens is not None:
+        incorrect = jnp.broadcast_to(_token_selection(incorrect_tokens, cache, pos, batch), shape)
+        direction, bias = direction - W_U.T[incorrect], bias - b_U[incorrect]
+    attrs = jnp.einsum("n...d,...d->n...", scaled, direction)
+    if norm_bias is not None:
+        bias = bias + direction @ norm_bias
+    return Labelled(jnp.concatenate([attrs, bias[None]], axis=0), (*resid.labels, "bias"))
+
+
+def accumulated_resid(
+    model: Transformer,
+    cache: Cache,
+    layer: int | None = None,
+    *,
+    mid: bool = False,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """The stream [n_points, ..., d_model] at each layer's input (`{l}_pre`), with `mid=True` also
+    between attention and MLP (`{l}_mid`), up to `layer` (exclusive; None: through `final`).
+    Rebuilt exactly from the writes and the recorded norm scales; `final` is the recorded stream."""
+    cfg = model.cfg
+    view = _View(cache, batch, pos)
+    stop = _point(model, layer, False)
+    per_layer = cfg.sublayers_per_layer
+    x = view["embed"] + (view["pos_embed"] if "pos_embed" in view else 0.0)
+    rows, labels = [x], ["0_pre"]
+    for k in range(stop):
+        layer_k, kind = _sublayer(model, k)
+        w = view[f"{kind}_out"][layer_k]
+        x = x + w if cfg.residual else w
+        if cfg.norm_placement == "post":
+            norm_w, norm_b = _norm_params(model, layer_k, kind)
+            x = _center(x, model) / view[f"ln{1 if kind == 'attn' else 2}_scale"][layer_k] * norm_w
+            x = x if norm_b is None else x + norm_b
+        if (k + 1) % per_layer:
+            if mid:
+                rows.append(x)
+                labels.append(f"{layer_k}_mid")
+        elif k + 1 < cfg.n_layers * per_layer:
+            rows.append(x)
+            labels.append(f"{layer_k + 1}_pre")
+    if stop == cfg.n_layers * per_layer:
+        rows.append(view["resid_final"])
+        labels.append("final")
+    return Labelled(jnp.stack(rows), tuple(labels))
+
+
+def logit_lens(
+    model: Transformer,
+    cache: Cache,
+    *,
+    mid: bool = False,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Logits [n_points, ..., vocab] read from the stream at every layer: the final norm is
+    recomputed on each layer's stream (its own scale, not the final layer's), then W_U and b_U.
+    The `final` row equals the model's logits."""
+    resid = accumulated_resid(model, cache, mid=mid, pos=pos, batch=batch)
+    logits, _ = model.unembed(resid.values)
+    return Labelled(logits, resid.labels)
+
+
+def head_results(
+    model: Transformer,
+    cache: Cache,
+    layer: int | None = None,
+    *,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Each head's write z_h @ W_O[h] [n, ..., d_model] (`L{l}H{h}`) and the bias row `L{l}_b_O`, for
+    one layer or (None) every layer; a layer's rows sum to its `attn_out`."""
+    view = _View(cache, batch, pos)
+    layers = range(model.cfg.n_layers) if layer is None else [_checked_layer(model, layer)]
+    rows, labels = [], []
+    for l in layers:  # noqa: E741
+        rows.append(head_rows(model, view, l))
+        labels += [f"L{l}H{h}" for h in range(model.cfg.n_heads)] + [f"L{l}_b_O"]
+    return Labelled(jnp.concatenate(rows, axis=0), tuple(labels))
+
+
+def neuron_results(
+    model: Transformer,
+    cache: Cache,
+    layer: int,
+    *,
+    pos: Index = None,
+    batch: Index = None,
+) -> Labelled:
+    """Each MLP neuron's write post_n * W_out[n] [d_mlp + 1, ..., d_model] (`L{l}N{n}`) plus
+    `L{l}_b_out`, summing to that layer's `mlp_out`. Needs `run_with_cache(tokens,
+    record=("mlp_post",))`; select positions, since the result is d_mlp times a write's size."""
+    if model.cfg.attn_only:
+        raise ValueError("neuron_results: an attention-only model has no MLP neurons")
+    layer = _checked_layer(model, layer)
+    view = _View(cache, batch, pos)
+    W_out = model.blocks.mlp.W_out.value[layer].astype(F32)
+    neurons = jnp.einsum("...n,nd->n...d", view["mlp_post"][layer], W_out)
+    b_out = jnp.broadcast_to(model.blocks.mlp.b_out.value[layer].astype(F32), neurons.shape[1:])
+    labels = [f"L{layer}N{n}" for n in range(model.cfg.d_mlp)] + [f"L{layer}_b_out"]
+    return Labelled(jnp.concatenate([neurons, b_out[None]], axis=0), tuple(labels))
+
+
+def _checked_layer(model: Transformer, layer: int) -> int:
+    n = model.cfg.n_layers
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer} is out of range: the model has layers 0..{n - 1}")
+    return layer % n
