@@ -100,12 +100,16 @@ def _point(model: Transformer, layer: int | None, mid: bool) -> int:
             raise ValueError("mid=True needs a layer: the stream between layer's attention and MLP")
         return cfg.n_layers * per_layer
     if not -cfg.n_layers <= layer <= cfg.n_layers:  # negative counts from the last layer
-        raise ValueError(f"layer={layer} is out of range: the model has layers 0..{cfg.n_layers - 1} "
-                         f"(and {cfg.n_layers} or None for the final stream)")
+        raise ValueError(
+            f"layer={layer} is out of range: the model has layers 0..{cfg.n_layers - 1} "
+            f"(and {cfg.n_layers} or None for the final stream)"
+        )
     layer = layer + cfg.n_layers if layer < 0 else layer
     if mid and (cfg.attn_only or layer == cfg.n_layers):
-        raise ValueError("mid=True names the stream between a layer's attention and its MLP: "
-                         f"{'an attention-only model has none' if cfg.attn_only else 'not the final stream'}")
+        raise ValueError(
+            "mid=True names the stream between a layer's attention and its MLP: "
+            f"{'an attention-only model has none' if cfg.attn_only else 'not the final stream'}"
+        )
     return layer * per_layer + int(mid)
 
 
@@ -122,8 +126,8 @@ def _center(x: jax.Array, model: Transformer) -> jax.Array:
 
 def _norm_params(model: Transformer, layer: int, kind: str) -> tuple[jax.Array, jax.Array | None]:
     norm = model.blocks.ln1 if kind == "attn" else model.blocks.ln2
-    bias = None if norm.b is None else norm.b.value[layer].astype(F32)
-    return norm.w.value[layer].astype(F32), bias
+    bias = None if norm.b is None else norm.b[layer].astype(F32)
+    return norm.w[layer].astype(F32), bias
 
 
 def _write_rows(model: Transformer, view: _View, layer: int, kind: str, split_heads: bool):
@@ -161,9 +165,9 @@ def _components(model: Transformer, view: _View, point: int, split_heads: bool) 
 
 def head_rows(model: Transformer, view: _View, layer: int) -> jax.Array:
     """[n_heads + 1, ..., d_model]: z_h @ W_O[h] for each head, then b_O."""
-    W_O = model.blocks.attn.W_O.value[layer].astype(F32)
+    W_O = model.blocks.attn.W_O[layer].astype(F32)
     heads = jnp.einsum("...he,hed->h...d", view["z"][layer], W_O)
-    b_O = jnp.broadcast_to(model.blocks.attn.b_O.value[layer].astype(F32), heads.shape[1:])
+    b_O = jnp.broadcast_to(model.blocks.attn.b_O[layer].astype(F32), heads.shape[1:])
     return jnp.concatenate([heads, b_O[None]], axis=0)
 
 
@@ -190,8 +194,8 @@ def _final_linear(model: Transformer, view: _View, rows: jax.Array) -> tuple[jax
     """Rows of the final stream -> their share of the final norm's output, and the norm's bias."""
     if model.ln_final is None:  # post-LN: no final norm
         return rows, None
-    scaled = _center(rows, model) / view["ln_final_scale"] * model.ln_final.w.value.astype(F32)
-    bias = None if model.ln_final.b is None else model.ln_final.b.value.astype(F32)
+    scaled = _center(rows, model) / view["ln_final_scale"] * model.ln_final.w[...].astype(F32)
+    bias = None if model.ln_final.b is None else model.ln_final.b[...].astype(F32)
     return scaled, bias
 
 
@@ -210,7 +214,7 @@ def decompose_logits(
     scaled, norm_bias = _final_linear(model, view, resid.values)
     W_U = model.unembed_matrix.astype(F32)
     direct = scaled @ W_U
-    bias = jnp.broadcast_to(model.b_U.value.astype(F32), direct.shape[1:])
+    bias = jnp.broadcast_to(model.b_U[...].astype(F32), direct.shape[1:])
     if norm_bias is not None:
         bias = bias + norm_bias @ W_U
     return Labelled(jnp.concatenate([direct, bias[None]], axis=0), (*resid.labels, "bias"))
@@ -241,7 +245,7 @@ def logit_attrs(
     view = _View(cache, batch, pos)
     resid = decompose_resid(model, cache, split_heads=split_heads, pos=pos, batch=batch)
     scaled, norm_bias = _final_linear(model, view, resid.values)
-    W_U, b_U = model.unembed_matrix.astype(F32), model.b_U.value.astype(F32)
+    W_U, b_U = model.unembed_matrix.astype(F32), model.b_U[...].astype(F32)
     shape = scaled.shape[1:-1]
     correct = jnp.broadcast_to(_token_selection(tokens, cache, pos, batch), shape)
     direction, bias = W_U.T[correct], b_U[correct]  # [..., d_model], [...]
@@ -270,7 +274,7 @@ def accumulated_resid(
     view = _View(cache, batch, pos)
     stop = _point(model, layer, False)
     per_layer = cfg.sublayers_per_layer
-    x = view["embed"] + (view["pos_embed"] if "pos_embed" in view else 0.0)
+    x = view["embed"] + (view.get("pos_embed", 0.0))
     rows, labels = [x], ["0_pre"]
     for k in range(stop):
         layer_k, kind = _sublayer(model, k)
@@ -343,9 +347,9 @@ def neuron_results(
         raise ValueError("neuron_results: an attention-only model has no MLP neurons")
     layer = _checked_layer(model, layer)
     view = _View(cache, batch, pos)
-    W_out = model.blocks.mlp.W_out.value[layer].astype(F32)
+    W_out = model.blocks.mlp.W_out[layer].astype(F32)
     neurons = jnp.einsum("...n,nd->n...d", view["mlp_post"][layer], W_out)
-    b_out = jnp.broadcast_to(model.blocks.mlp.b_out.value[layer].astype(F32), neurons.shape[1:])
+    b_out = jnp.broadcast_to(model.blocks.mlp.b_out[layer].astype(F32), neurons.shape[1:])
     labels = [f"L{layer}N{n}" for n in range(model.cfg.d_mlp)] + [f"L{layer}_b_out"]
     return Labelled(jnp.concatenate([neurons, b_out[None]], axis=0), tuple(labels))
 

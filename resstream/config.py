@@ -114,9 +114,7 @@ def _validate(cfg: ModelConfig) -> None:
             f"of n_heads (e.g. {cfg.n_heads * max(1, cfg.d_model // cfg.n_heads)}), or set d_head explicitly"
         )
     if cfg.attn_only and cfg.d_mlp is not None:
-        raise ConfigError(
-            f"d_mlp={cfg.d_mlp} is set but attn_only=True has no MLP: drop d_mlp or set attn_only=False"
-        )
+        raise ConfigError(f"d_mlp={cfg.d_mlp} is set but attn_only=True has no MLP: drop d_mlp or set attn_only=False")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 <= cfg.stochastic_depth < 1.0:

@@ -33,9 +33,7 @@ from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream
 Cache = dict[str, jax.Array]
 
 # Records whose leading axis is the layer axis (stacked by the scan); the rest start at batch.
-LAYER_RECORDS = frozenset(
-    {"attn_out", "mlp_out", "z", "ln1_scale", "ln2_scale", *OPTIONAL_RECORDS}
-)
+LAYER_RECORDS = frozenset({"attn_out", "mlp_out", "z", "ln1_scale", "ln2_scale", *OPTIONAL_RECORDS})
 
 
 class TokenError(ValueError):
@@ -76,9 +74,9 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         scale = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        y = x / scale * self.w.value.astype(jnp.float32)
+        y = x / scale * self.w[...].astype(jnp.float32)
         if self.b is not None:
-            y = y + self.b.value.astype(jnp.float32)
+            y = y + self.b[...].astype(jnp.float32)
         return y.astype(self.dtype), scale
 
 
@@ -124,25 +122,22 @@ class Attention(nnx.Module):
         flat = x.reshape(batch * seq, d_model).astype(dt)
 
         def project(w: nnx.Param, b: nnx.Param) -> jax.Array:
-            y = jnp.einsum("nd,hde->nhe", flat, w.value.astype(dt)) + b.value.astype(dt)
+            y = jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)) + b[...].astype(dt)
             return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, n_heads, d_head]
 
         q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
         if rope is not None:
             q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
-        pattern = None
-        if want_pattern:
-            scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32)
-            scores = scores / math.sqrt(q.shape[-1])
-            causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-            scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-            pattern = jax.nn.softmax(scores, axis=-1)
-            z = jnp.einsum("bhqk,bkhe->bqhe", pattern.astype(dt), v)
-        else:
-            z = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O.value.astype(dt))
-        out = out + self.b_O.value.astype(dt)
-        return out.reshape(batch, seq, d_model), z, pattern
+        # One attention implementation in every recording mode, so recording the pattern cannot
+        # change the logits; softmax in float32.
+        scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(q.shape[-1])
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        pattern = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        z = jnp.einsum("bhqk,bkhe->bqhe", pattern.astype(dt), v)
+        out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
+        out = out + self.b_O[...].astype(dt)
+        return out.reshape(batch, seq, d_model), z, pattern if want_pattern else None
 
 
 class MLP(nnx.Module):
@@ -166,13 +161,13 @@ class MLP(nnx.Module):
         dt = self.dtype
         # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
         flat = x.reshape(batch * seq, d_model).astype(dt)
-        pre = flat @ self.W_in.value.astype(dt) + self.b_in.value.astype(dt)
+        pre = flat @ self.W_in[...].astype(dt) + self.b_in[...].astype(dt)
         if self.kind == "swiglu":
-            gate = flat @ self.W_gate.value.astype(dt) + self.b_gate.value.astype(dt)
+            gate = flat @ self.W_gate[...].astype(dt) + self.b_gate[...].astype(dt)
             post = jax.nn.silu(gate) * pre
         else:
             post = jax.nn.gelu(pre, approximate=True)
-        out = post @ self.W_out.value.astype(dt) + self.b_out.value.astype(dt)
+        out = post @ self.W_out[...].astype(dt) + self.b_out[...].astype(dt)
         return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)
 
 
@@ -314,7 +309,7 @@ class Transformer(nnx.Module):
     @property
     def unembed_matrix(self) -> jax.Array:
         """W_U [d_model, vocab] (W_E transposed when the embeddings are tied)."""
-        return self.W_E.value.T if self.W_U is None else self.W_U.value
+        return self.W_E[...].T if self.W_U is None else self.W_U[...]
 
     def rope(self, seq: int) -> tuple[jax.Array, jax.Array] | None:
         cfg = self.cfg
@@ -332,12 +327,12 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         keys = (None, None) if rng is None else tuple(jax.random.split(rng))
         # mode="fill": an out-of-range id gives NaN, never a silently clamped row.
-        embed = jnp.take(self.W_E.value, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        embed = jnp.take(self.W_E[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
         embed = _dropout(embed.astype(cfg.compute_dtype), cfg.dropout, keys[0])
         stream = ResidualStream(embed, {}, mode=mode, residual=True, optional=record)
         stream = stream.record("embed", embed)
         if self.W_pos is not None:
-            pos = jnp.broadcast_to(self.W_pos.value[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
+            pos = jnp.broadcast_to(self.W_pos[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
             pos = _dropout(pos, cfg.dropout, keys[1])
             stream = ResidualStream(embed + pos, stream.records, mode=mode, residual=True, optional=record)
             stream = stream.record("pos_embed", pos)
@@ -352,7 +347,7 @@ class Transformer(nnx.Module):
         logits = jnp.einsum(
             "...d,dv->...v", resid.astype(dt), self.unembed_matrix.astype(dt), preferred_element_type=jnp.float32
         )
-        return logits + self.b_U.value.astype(jnp.float32), scale
+        return logits + self.b_U[...].astype(jnp.float32), scale
 
     # ---------------------------------------------------------------------------------- forward
     def __call__(self, tokens: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:

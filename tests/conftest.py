@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny models for every supported configuration, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Tests check values, not speed: skip LLVM's optimisation passes, which dominate compile time for
+# tiny models (about 40% of the suite). Set before JAX starts; a caller's XLA_FLAGS are kept.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import functools
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from resstream import ModelConfig, Transformer
+
+TINY = dict(vocab_size=61, n_layers=3, d_model=32, n_heads=4, n_ctx=16)
+BATCH, SEQ = 2, 12
+
+
+def grid() -> list[dict]:
+    """Every supported architecture: norm x placement x positions x MLP (or attention-only) x
+    tied/untied x residual on/off."""
+    configs = []
+    for norm, placement, positions, mlp, tied, residual in itertools.product(
+        ("layernorm", "rmsnorm"),
+        ("pre", "post"),
+        ("learned", "rotary"),
+        ("gelu", "swiglu", None),
+        (False, True),
+        (True, False),
+    ):
+        configs.append(
+            dict(
+                norm=norm,
+                norm_placement=placement,
+                positions=positions,
+                mlp=mlp or "gelu",
+                attn_only=mlp is None,
+                tied_embeddings=tied,
+                residual=residual,
+            )
+        )
+    return configs
+
+
+def sample() -> list[dict]:
+    """14 configurations spread over the grid (every 7th; 7 is coprime to the grid's strides, so
+    every value of every axis appears), for checks that do not need all 96."""
+    return grid()[::7]
+
+
+def grid_id(kw: dict) -> str:
+    return "-".join(
+        [
+            kw["norm"],
+            kw["norm_placement"],
+            kw["positions"],
+            "attn_only" if kw["attn_only"] else kw["mlp"],
+            "tied" if kw["tied_embeddings"] else "untied",
+            "resid" if kw["residual"] else "plain",
+        ]
+    )
+
+
+def randomize(model: Transformer, seed: int = 0, scale: float = 0.1) -> Transformer:
+    """Perturb every parameter (biases and norm weights included), so that no term of the
+    decomposition can hide behind a zero or one initialisation."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+@functools.cache
+def built(**kw) -> tuple[Transformer, jax.Array, jax.Array, dict]:
+    """(model, tokens, logits, full cache) for a tiny randomised model; memoised across tests."""
+    cfg = ModelConfig(**{**TINY, **kw})
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, cfg.vocab_size)
+    logits, cache = model.run_with_cache(tokens, record=("resid_pre", "resid_mid"))
+    return model, tokens, logits, cache
+
+
+def max_rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def roundoff_tolerance(cfg) -> float:
+    """Relative tolerance for two float32 computations of the same logits that XLA fuses
+    differently (a write kept as an output or not, a scan or a loop). One layer differs by a few
+    ulps (~3e-7). Residual networks keep that flat with depth; a plain network (residual=False)
+    amplifies it layer by layer (measured ~3e-6 at 3 layers, through LayerNorm's centring of
+    large-mean activations), a property of the network and not of the code path."""
+    return 1e-6 if cfg.residual else 1e-5
+
+
+@pytest.fixture(params=grid(), ids=grid_id)
+def arch(request) -> dict:
+    return request.param
+
+
+@pytest.fixture(params=sample(), ids=grid_id)
+def sampled_arch(request) -> dict:
+    return request.param

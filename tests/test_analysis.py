@@ -1,0 +1,160 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY, built, max_rel_err, randomize
+from resstream import ModelConfig, Transformer
+from resstream import analysis as A  # noqa: N812  (the short name reads better in tests)
+
+
+def test_decompose_logits_sums_to_the_logits(arch):
+    model, _tokens, logits, cache = built(**arch)
+    for split_heads in (False, True):
+        parts = A.decompose_logits(model, cache, split_heads=split_heads)
+        assert parts.labels[-1] == "bias" and parts.values.shape[1:] == logits.shape
+        assert max_rel_err(parts.sum(), logits) <= 1e-4
+
+
+def test_decompose_resid_sums_to_the_stream_at_every_layer(arch):
+    model, _tokens, _logits, cache = built(**arch)
+    for layer in range(model.cfg.n_layers):
+        assert max_rel_err(A.decompose_resid(model, cache, layer).sum(), cache["resid_pre"][layer]) <= 1e-5
+        if not model.cfg.attn_only:
+            mid = A.decompose_resid(model, cache, layer, mid=True, split_heads=True)
+            assert max_rel_err(mid.sum(), cache["resid_mid"][layer]) <= 1e-5
+    assert max_rel_err(A.decompose_resid(model, cache).sum(), cache["resid_final"]) <= 1e-5
+
+
+def test_logit_lens_reads_every_layer_and_ends_at_the_logits(arch):
+    model, _tokens, logits, cache = built(**arch)
+    lens = A.logit_lens(model, cache, mid=True)
+    assert lens.labels[0] == "0_pre" and lens.labels[-1] == "final"
+    assert max_rel_err(lens["final"], logits) <= 1e-5
+    resid = A.accumulated_resid(model, cache, mid=True)
+    for layer in range(model.cfg.n_layers):
+        assert max_rel_err(resid[f"{layer}_pre"], cache["resid_pre"][layer]) <= 1e-5
+        # the lens recomputes the final norm on each layer's own stream
+        expected, _ = model.unembed(cache["resid_pre"][layer])
+        assert max_rel_err(lens[f"{layer}_pre"], expected) <= 1e-5
+
+
+def test_head_results_plus_b_O_sum_to_attn_out(arch):
+    model, _tokens, _logits, cache = built(**arch)
+    every = A.head_results(model, cache)
+    assert len(every) == model.cfg.n_layers * (model.cfg.n_heads + 1)
+    for layer in range(model.cfg.n_layers):
+        heads = A.head_results(model, cache, layer)
+        assert heads.labels == (*[f"L{layer}H{h}" for h in range(model.cfg.n_heads)], f"L{layer}_b_O")
+        assert max_rel_err(heads.sum(), cache["attn_out"][layer]) <= 1e-5
+
+
+def test_neuron_results_sum_to_mlp_out():
+    model, tokens, _logits, _ = built(**{"mlp": "swiglu"})
+    _, cache = model.run_with_cache(tokens, record=("mlp_post",))
+    neurons = A.neuron_results(model, cache, 1, pos=-1)
+    assert len(neurons) == model.cfg.d_mlp + 1 and neurons.labels[-1] == "L1_b_out"
+    assert max_rel_err(neurons.sum(), cache["mlp_out"][1][:, -1]) <= 1e-5
+
+
+def test_logit_attrs_equal_decomposed_logits_of_the_chosen_tokens(arch):
+    model, tokens, logits, cache = built(**arch)
+    full = A.decompose_logits(model, cache)
+    targets = jnp.roll(tokens, -1, axis=1)
+    attrs = A.logit_attrs(model, cache, targets)
+    picked = jnp.take_along_axis(
+        full.values, jnp.broadcast_to(targets[None, ..., None], (*full.values.shape[:3], 1)), -1
+    )
+    assert attrs.labels == full.labels
+    np.testing.assert_allclose(attrs.values, picked[..., 0], atol=1e-4 * float(jnp.abs(logits).max()))
+    diff = A.logit_attrs(model, cache, targets, incorrect_tokens=3)
+    np.testing.assert_allclose(
+        diff.values, picked[..., 0] - full.values[..., 3], atol=2e-4 * float(jnp.abs(logits).max())
+    )
+
+
+def test_position_and_batch_selection_equal_slicing_the_full_result():
+    model, tokens, logits, cache = built(**{"norm_placement": "post"})
+    full = A.decompose_logits(model, cache, split_heads=True)
+    one = A.decompose_logits(model, cache, split_heads=True, pos=-1, batch=1)
+    np.testing.assert_allclose(one.values, full.values[:, 1, -1], rtol=1e-6, atol=1e-6)
+    some = A.decompose_resid(model, cache, 2, pos=slice(2, 5), batch=jnp.array([1, 0]))
+    np.testing.assert_allclose(
+        some.values, A.decompose_resid(model, cache, 2).values[:, jnp.array([1, 0]), 2:5], rtol=1e-6
+    )
+    attrs = A.logit_attrs(model, cache, tokens, pos=3)
+    np.testing.assert_allclose(attrs.values, A.logit_attrs(model, cache, tokens).values[:, :, 3], rtol=1e-5, atol=1e-5)
+    lens = A.logit_lens(model, cache, pos=0, batch=0)
+    np.testing.assert_allclose(lens["final"], logits[0, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_each_row_belongs_to_its_label(placement):
+    """Silencing one component zeroes exactly its row: the labels are not merely a partition that
+    happens to sum correctly."""
+    cfg = ModelConfig(**{**TINY, "norm_placement": placement})
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)))
+    for name in ("W_O", "b_O"):
+        param = getattr(model.blocks.attn, name)
+        param[...] = param[...].at[1].set(0.0)
+    model.blocks.attn.W_O[...] = model.blocks.attn.W_O[...].at[2, 3].set(0.0)  # head L2H3
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+    logits, cache = model.run_with_cache(tokens)
+    parts = A.decompose_logits(model, cache, split_heads=True)
+    zero_rows = {label for label, row in parts if not jnp.any(row)}
+    assert zero_rows == {"L1H0", "L1H1", "L1H2", "L1H3", "L1_b_O", "L2H3"}
+    assert max_rel_err(parts.sum(), logits) <= 1e-5
+
+
+def test_pre_ln_rows_are_the_frozen_scale_formula():
+    """Row c of a pre-LN LayerNorm model is ((c - mean c) / scale_final * w_final) @ W_U, computed
+    here directly from the recorded write."""
+    model, _tokens, _logits, cache = built(**{})
+    parts = A.decompose_logits(model, cache)
+    c = np.asarray(cache["mlp_out"][2], np.float64)
+    w = np.asarray(model.ln_final.w[...], np.float64)
+    expected = (c - c.mean(-1, keepdims=True)) / np.asarray(cache["ln_final_scale"], np.float64) * w
+    expected = expected @ np.asarray(model.W_U[...], np.float64)
+    assert max_rel_err(parts["2_mlp_out"], expected) < 1e-5
+
+
+def test_decomposition_is_exact_in_training_mode_too():
+    cfg = ModelConfig(**{**TINY, "dropout": 0.3, "stochastic_depth": 0.5})
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, cfg.vocab_size)
+    logits, cache = model.run_with_cache(tokens, rng=jax.random.key(5))
+    assert max_rel_err(A.decompose_logits(model, cache).sum(), logits) <= 1e-5
+
+
+def test_analysis_functions_compose_with_jit():
+    model, tokens, _logits, cache = built(**{"positions": "rotary"})
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def attribute(state, tokens):
+        m = nnx.merge(graphdef, state)
+        _logits, cache = m.run_with_cache(tokens)
+        return A.logit_attrs(m, cache, tokens, pos=-1)
+
+    attrs = attribute(state, tokens)
+    np.testing.assert_allclose(attrs.values, A.logit_attrs(model, cache, tokens, pos=-1).values, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_name_the_valid_choices():
+    model, _tokens, _logits, cache = built(**{"attn_only": True})
+    with pytest.raises(ValueError, match=r"layers 0\.\.2"):
+        A.decompose_resid(model, cache, 7)
+    with pytest.raises(ValueError, match="attention-only model has none"):
+        A.decompose_resid(model, cache, 1, mid=True)
+    with pytest.raises(ValueError, match="no MLP neurons"):
+        A.neuron_results(model, cache, 0)
+    full_model, full_tokens, _, _ = built(**{})
+    _, stats = full_model.run_with_cache(full_tokens, mode="stats")
+    with pytest.raises(KeyError, match="run_with_cache\\(tokens\\) \\(mode='full'\\)"):
+        A.decompose_logits(full_model, stats)
+    _, plain = full_model.run_with_cache(full_tokens)
+    with pytest.raises(KeyError, match="record=\\('mlp_post',\\)"):
+        A.neuron_results(full_model, plain, 0)
+    with pytest.raises(KeyError, match="no row 'L9H0'"):
+        A.head_results(full_model, plain, 0)["L9H0"]

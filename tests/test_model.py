@@ -1,0 +1,142 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import TINY, built, max_rel_err, randomize, roundoff_tolerance
+from reference import reference_logits
+from resstream import ModelConfig, TokenError, Transformer
+
+
+def test_forward_matches_independent_numpy_implementation(arch):
+    model, tokens, logits, _ = built(**arch)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    expected = reference_logits(params, model.cfg, np.asarray(tokens))
+    assert max_rel_err(logits, expected) < 1e-5
+
+
+def test_recording_never_changes_the_logits(arch):
+    model, tokens, logits_full, _ = built(**arch)
+    logits_off = model(tokens)
+    logits_stats, stats = model.run_with_cache(tokens, mode="stats")
+    assert jnp.array_equal(logits_stats, logits_off)
+    assert max_rel_err(logits_full, logits_off) <= roundoff_tolerance(model.cfg)
+    assert stats["attn_out_norm"].shape == (model.cfg.n_layers,)
+
+
+def test_optional_records_never_change_the_logits(sampled_arch):
+    model, tokens, logits_full, _ = built(**sampled_arch)
+    logits, cache = model.run_with_cache(tokens, record=("pattern", "mlp_post"))
+    assert max_rel_err(logits, logits_full) <= roundoff_tolerance(model.cfg)
+    assert cache["pattern"].shape == (model.cfg.n_layers, tokens.shape[0], model.cfg.n_heads, *tokens.shape[1:] * 2)
+    np.testing.assert_allclose(cache["pattern"].sum(-1), 1.0, rtol=1e-5)
+    assert jnp.all(jnp.triu(cache["pattern"], k=1) == 0)  # causal
+
+
+def test_scan_equals_layer_by_layer_unrolled(sampled_arch):
+    model, tokens, logits, _ = built(**sampled_arch)
+    stream = model.embed(tokens).replace(residual=model.cfg.residual)
+    rope = model.rope(tokens.shape[1])
+    for index in range(model.cfg.n_layers):
+        stream = model.layer(index)(stream, rope)
+    unrolled, _ = model.unembed(stream.read())
+    assert max_rel_err(unrolled, logits) <= roundoff_tolerance(model.cfg)
+
+
+def test_stats_mode_records_per_layer_norms_and_cosines():
+    model, tokens, _, cache = built(**{})
+    _, stats = model.run_with_cache(tokens, mode="stats")
+    attn = cache["attn_out"]  # [n_layers, batch, seq, d_model]
+    resid = cache["resid_pre"]
+    np.testing.assert_allclose(stats["attn_out_norm"], jnp.linalg.norm(attn, axis=-1).mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["resid_pre_norm"], jnp.linalg.norm(resid, axis=-1).mean((1, 2)), rtol=1e-5)
+    cos = jnp.sum(attn * resid, -1) / (jnp.linalg.norm(attn, axis=-1) * jnp.linalg.norm(resid, axis=-1))
+    np.testing.assert_allclose(stats["attn_out_cos"], cos.mean((1, 2)), rtol=1e-4, atol=1e-6)
+    assert np.all(np.abs(stats["mlp_out_cos"]) <= 1.0)
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+    def program_size(n_layers: int) -> int:
+        cfg = ModelConfig(**{**TINY, "n_layers": n_layers})
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+        return len(jaxpr.eqns)
+
+    assert program_size(2) == program_size(200)
+
+
+def test_training_mode_is_random_and_eval_mode_is_not():
+    cfg = ModelConfig(**{**TINY, "dropout": 0.2, "stochastic_depth": 0.5})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    assert jnp.array_equal(model(tokens), model(tokens))
+    a, b = model(tokens, rng=jax.random.key(0)), model(tokens, rng=jax.random.key(1))
+    assert not jnp.allclose(a, b)
+    assert jnp.array_equal(a, model(tokens, rng=jax.random.key(0)))
+
+
+def test_training_mode_without_dropout_equals_eval():
+    model, tokens, _logits, _ = built(**{})
+    assert jnp.array_equal(model(tokens, rng=jax.random.key(3)), model(tokens))
+
+
+def test_stochastic_depth_drops_whole_layers_per_sequence():
+    cfg = ModelConfig(**{**TINY, "n_layers": 2, "stochastic_depth": 0.9})
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.ones((64, 4), jnp.int32)
+    _, cache = model.run_with_cache(tokens, rng=jax.random.key(0))
+    # layer 0 has drop probability 0; layer 1 has 0.9: its writes are zero for a dropped sequence
+    # and scaled by 1 / (1 - 0.9) for a kept one, for both sublayers alike.
+    assert jnp.all(jnp.any(cache["attn_out"][0] != 0, axis=(1, 2)))
+    dropped = jnp.all(cache["attn_out"][1] == 0, axis=(1, 2))
+    assert jnp.array_equal(dropped, jnp.all(cache["mlp_out"][1] == 0, axis=(1, 2)))
+    assert 0.75 < float(dropped.mean()) < 1.0
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    model, tokens, logits, _ = built(**{})
+    cfg = ModelConfig(**{**TINY, "dtype": "bfloat16"})
+    low = Transformer(cfg, rngs=nnx.Rngs(0))
+    nnx.update(low, nnx.state(model, nnx.Param))
+    low_logits = low(tokens)
+    assert low_logits.dtype == jnp.float32
+    assert max_rel_err(low_logits, logits) < 5e-2
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (np.array([[1, 2, 61]]), "token id 61 at [batch 0, position 2] is outside the vocabulary [0, 61)"),
+        (np.array([[1, -1, 3]]), "token id -1 at [batch 0, position 1]"),
+        (np.zeros((1, 17), np.int32), "sequence length 17 exceeds the model's context n_ctx=16"),
+        (np.zeros((5,), np.int32), "use tokens[None] for a single sequence"),
+        (np.zeros((1, 3), np.float32), "tokens must be integer ids"),
+        (np.zeros((1, 0), np.int32), "at least one sequence of one token"),
+    ],
+)
+def test_bad_tokens_raise_clear_errors(tokens, message):
+    model, *_ = built(**{})
+    with pytest.raises(TokenError) as err:
+        model(tokens)
+    assert message in str(err.value)
+    with pytest.raises(TokenError):
+        model.run_with_cache(tokens)
+
+
+def test_out_of_vocabulary_ids_under_jit_give_nan_not_a_clamped_row():
+    model, *_ = built(**{})
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+    logits = forward(state, jnp.array([[1, 2, 3], [4, 61, 5]]))
+    assert jnp.all(jnp.isfinite(logits[0]))
+    assert jnp.all(jnp.isnan(logits[1, 1:]))  # the bad id and every position that attends to it
+
+
+def test_unknown_recording_mode_and_record():
+    model, tokens, *_ = built(**{})
+    with pytest.raises(ValueError, match="choose one of \\['off', 'stats', 'full'\\]"):
+        model.run_with_cache(tokens, mode="everything")
+    with pytest.raises(ValueError, match="optional records are"):
+        model.run_with_cache(tokens, record=("attn_scores",))
