@@ -76,6 +76,9 @@ class _View:
     def __contains__(self, key: str) -> bool:
         return key in self.cache
 
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.cache else default
+
     def __getitem__(self, key: str) -> jax.Array:
         if key not in self._done:
             if key not in self.cache:
@@ -274,7 +277,7 @@ def accumulated_resid(
     view = _View(cache, batch, pos)
     stop = _point(model, layer, False)
     per_layer = cfg.sublayers_per_layer
-    x = view["embed"] + (view.get("pos_embed", 0.0))
+    x = view["embed"] + view.get("pos_embed", 0.0)
     rows, labels = [x], ["0_pre"]
     for k in range(stop):
         layer_k, kind = _sublayer(model, k)
