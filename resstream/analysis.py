@@ -133,12 +133,10 @@ def _norm_params(model: Transformer, layer: int, kind: str) -> tuple[jax.Array, 
     return norm.w[layer].astype(F32), bias
 
 
-def _write_rows(model: Transformer, view: _View, layer: int, kind: str, split_heads: bool):
-    """The rows [k, ..., d_model] and labels of one sublayer's write."""
-    if kind == "attn" and split_heads:
-        rows = head_rows(model, view, layer)
-        return rows, [f"L{layer}H{h}" for h in range(model.cfg.n_heads)] + [f"L{layer}_b_O"]
-    return view[f"{kind}_out"][layer][None], [f"{layer}_{kind}_out"]
+def _attn_labels(model: Transformer, layer: int, split_heads: bool) -> list[str]:
+    if split_heads:
+        return [f"L{layer}H{h}" for h in range(model.cfg.n_heads)] + [f"L{layer}_b_O"]
+    return [f"{layer}_attn_out"]
 
 
 def _components(model: Transformer, view: _View, point: int, split_heads: bool) -> tuple[list, list]:
@@ -149,9 +147,16 @@ def _components(model: Transformer, view: _View, point: int, split_heads: bool) 
     if "pos_embed" in view:
         blocks.append(view["pos_embed"][None])
         labels.append("pos_embed")
+    if cfg.residual and cfg.norm_placement == "pre":
+        rows, row_labels = _stacked_writes(model, view, point, split_heads)
+        return [*blocks, *rows], labels + row_labels
     for k in range(point):
         layer, kind = _sublayer(model, k)
-        rows, row_labels = _write_rows(model, view, layer, kind, split_heads)
+        if kind == "attn" and split_heads:
+            rows = head_rows(model, view, layer)
+        else:
+            rows = view[f"{kind}_out"][layer][None]
+        row_labels = _attn_labels(model, layer, split_heads) if kind == "attn" else [f"{layer}_mlp_out"]
         if cfg.residual:
             blocks, labels = [*blocks, rows], labels + row_labels
         else:
@@ -164,6 +169,43 @@ def _components(model: Transformer, view: _View, point: int, split_heads: bool) 
                 blocks.append(jnp.broadcast_to(b, view["embed"].shape)[None])
                 labels.append(f"{layer}_ln{1 if kind == 'attn' else 2}_bias")
     return blocks, labels
+
+
+def _stacked_writes(model: Transformer, view: _View, point: int, split_heads: bool) -> tuple[list, list]:
+    """Pre-LN with residual connections: every write up to `point` is a component as it stands,
+    so the cache's stacked [n_layers, ...] arrays are taken whole (one interleaving copy rather
+    than a slice and a concatenation per layer)."""
+    n_layers, partial = divmod(point, model.cfg.sublayers_per_layer)
+    blocks, labels = [], []
+    if model.cfg.attn_only:
+        partial = 0
+    if n_layers:
+        blocks, labels = _whole_layers(model, view, n_layers, split_heads)
+    if partial:  # the stream between layer n_layers's attention and its MLP
+        blocks.append(head_rows(model, view, n_layers) if split_heads else view["attn_out"][n_layers][None])
+        labels += _attn_labels(model, n_layers, split_heads)
+    return blocks, labels
+
+
+def _whole_layers(model: Transformer, view: _View, n_layers: int, split_heads: bool) -> tuple[list, list]:
+    attn = _all_head_rows(model, view, n_layers) if split_heads else view["attn_out"][:n_layers, None]
+    per_layer = [attn] if model.cfg.attn_only else [attn, view["mlp_out"][:n_layers, None]]
+    rows = jnp.concatenate(per_layer, axis=1) if len(per_layer) > 1 else attn  # [n_layers, k, ..., d]
+    blocks = [rows.reshape(-1, *rows.shape[2:])]
+    labels = []
+    for layer in range(n_layers):
+        labels += _attn_labels(model, layer, split_heads)
+        labels += [] if model.cfg.attn_only else [f"{layer}_mlp_out"]
+    return blocks, labels
+
+
+def _all_head_rows(model: Transformer, view: _View, n_layers: int) -> jax.Array:
+    """[n_layers, n_heads + 1, ..., d_model]: each head's write, then b_O, for layers < n_layers."""
+    W_O = model.blocks.attn.W_O[:n_layers].astype(F32)
+    heads = jnp.einsum("l...he,lhed->lh...d", view["z"][:n_layers], W_O)
+    b_O = model.blocks.attn.b_O[:n_layers].astype(F32)
+    b_O = jnp.broadcast_to(b_O.reshape(n_layers, 1, *([1] * (heads.ndim - 3)), -1), (n_layers, 1, *heads.shape[2:]))
+    return jnp.concatenate([heads, b_O], axis=1)
 
 
 def head_rows(model: Transformer, view: _View, layer: int) -> jax.Array:
@@ -193,13 +235,23 @@ def decompose_resid(
     return Labelled(jnp.concatenate(blocks, axis=0), tuple(labels))
 
 
-def _final_linear(model: Transformer, view: _View, rows: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """Rows of the final stream -> their share of the final norm's output, and the norm's bias."""
+def _readout(model: Transformer, view: _View) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """The final norm (frozen scale) and unembedding as one linear map of the final stream:
+    logits = (resid @ W_eff) * row_scale + bias, with W_eff [d_model, vocab].
+
+    For LayerNorm, ((c - mean c) / s * w) @ W_U == (c @ W_eff) / s with W_eff = w * W_U centred over
+    d_model: the norm folds into a [d_model, vocab] matrix, so components go through one 2-D matmul
+    and no elementwise pass over [n, ..., d_model]. Returns (W_eff, row_scale [..., 1] or None,
+    bias [vocab] or [..., vocab])."""
+    W_U = model.unembed_matrix.astype(F32)
+    bias = model.b_U[...].astype(F32)
     if model.ln_final is None:  # post-LN: no final norm
-        return rows, None
-    scaled = _center(rows, model) / view["ln_final_scale"] * model.ln_final.w[...].astype(F32)
-    bias = None if model.ln_final.b is None else model.ln_final.b[...].astype(F32)
-    return scaled, bias
+        return W_U, None, bias
+    W_eff = model.ln_final.w[...].astype(F32)[:, None] * W_U
+    if model.cfg.norm == "layernorm":
+        W_eff = W_eff - jnp.mean(W_eff, axis=0, keepdims=True)
+        bias = bias + model.ln_final.b[...].astype(F32) @ W_U
+    return W_eff, 1.0 / view["ln_final_scale"], bias
 
 
 def decompose_logits(
@@ -213,14 +265,16 @@ def decompose_logits(
     """Direct contributions [n, ..., vocab] of every component to the logits, plus a `bias` row
     (final norm bias @ W_U + b_U). The rows sum to the logits the model produced."""
     view = _View(cache, batch, pos)
-    resid = decompose_resid(model, cache, split_heads=split_heads, pos=pos, batch=batch)
-    scaled, norm_bias = _final_linear(model, view, resid.values)
-    W_U = model.unembed_matrix.astype(F32)
-    direct = scaled @ W_U
-    bias = jnp.broadcast_to(model.b_U[...].astype(F32), direct.shape[1:])
-    if norm_bias is not None:
-        bias = bias + norm_bias @ W_U
-    return Labelled(jnp.concatenate([direct, bias[None]], axis=0), (*resid.labels, "bias"))
+    blocks, labels = _components(model, view, _point(model, None, False), split_heads)
+    W_eff, row_scale, bias = _readout(model, view)
+    # One 2-D matmul per block (fast on CPU), then a single concatenation that also applies the
+    # per-position scale: the [n, ..., d_model] stack is never built.
+    direct = [(rows.reshape(-1, rows.shape[-1]) @ W_eff).reshape(*rows.shape[:-1], -1) for rows in blocks]
+    direct = jnp.concatenate(direct, axis=0)
+    if row_scale is not None:
+        direct = direct * row_scale
+    bias = jnp.broadcast_to(bias, direct.shape[1:])
+    return Labelled(jnp.concatenate([direct, bias[None]], axis=0), (*labels, "bias"))
 
 
 def _token_selection(tokens: Any, cache: Cache, pos: Index, batch: Index) -> jax.Array:
@@ -246,19 +300,24 @@ def logit_attrs(
     [batch, seq] shape (selected with `pos`/`batch`), or ids shaped like the selection.
     Computed against the chosen columns of W_U only: no [n, ..., vocab] array is made."""
     view = _View(cache, batch, pos)
-    resid = decompose_resid(model, cache, split_heads=split_heads, pos=pos, batch=batch)
-    scaled, norm_bias = _final_linear(model, view, resid.values)
-    W_U, b_U = model.unembed_matrix.astype(F32), model.b_U[...].astype(F32)
-    shape = scaled.shape[1:-1]
-    correct = jnp.broadcast_to(_token_selection(tokens, cache, pos, batch), shape)
-    direction, bias = W_U.T[correct], b_U[correct]  # [..., d_model], [...]
+    blocks, labels = _components(model, view, _point(model, None, False), split_heads)
+    W_eff, row_scale, bias = _readout(model, view)
+    shape = blocks[0].shape[1:-1]
+
+    def column(ids: Any) -> tuple[jax.Array, jax.Array]:
+        ids = jnp.broadcast_to(_token_selection(ids, cache, pos, batch), shape)
+        return W_eff.T[ids], bias[ids]
+
+    direction, bias_row = column(tokens)  # [..., d_model], [...]
     if incorrect_tokens is not None:
-        incorrect = jnp.broadcast_to(_token_selection(incorrect_tokens, cache, pos, batch), shape)
-        direction, bias = direction - W_U.T[incorrect], bias - b_U[incorrect]
-    attrs = jnp.einsum("n...d,...d->n...", scaled, direction)
-    if norm_bias is not None:
-        bias = bias + direction @ norm_bias
-    return Labelled(jnp.concatenate([attrs, bias[None]], axis=0), (*resid.labels, "bias"))
+        other_direction, other_bias = column(incorrect_tokens)
+        direction, bias_row = direction - other_direction, bias_row - other_bias
+    # Project each block on its own: no [n, ..., d_model] stack is built.
+    attrs = [jnp.einsum("n...d,...d->n...", rows, direction) for rows in blocks]
+    attrs = jnp.concatenate([*attrs, bias_row[None]], axis=0)
+    if row_scale is not None:
+        attrs = attrs.at[:-1].multiply(row_scale[..., 0])
+    return Labelled(attrs, (*labels, "bias"))
 
 
 def accumulated_resid(
