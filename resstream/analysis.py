@@ -20,11 +20,13 @@ work is done, so one position of a long batch costs one position's memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from resstream.model import LAYER_RECORDS, Cache, Transformer
@@ -139,8 +141,24 @@ def _attn_labels(model: Transformer, layer: int, split_heads: bool) -> list[str]
     return [f"{layer}_attn_out"]
 
 
-def _components(model: Transformer, view: _View, point: int, split_heads: bool) -> tuple[list, list]:
-    """Blocks of rows [k_i, ..., d_model] that sum to the stream at `point`, and their labels."""
+@dataclasses.dataclass
+class _Blocks:
+    """Components as blocks of rows [k_i, ..., d_model] in storage order, their labels in label
+    order, and the permutation from one to the other (None: the same). Keeping the cache's stacked
+    arrays as blocks means that no [n, ..., d_model] copy is made just to put rows in order: a
+    projection maps each block and one gather on its (often much smaller) output orders the rows."""
+
+    blocks: list[jax.Array]
+    labels: list[str]
+    order: np.ndarray | None = None
+
+    def map(self, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        out = jnp.concatenate([fn(block) for block in self.blocks], axis=0)
+        return out if self.order is None else out[self.order]
+
+
+def _components(model: Transformer, view: _View, point: int, split_heads: bool) -> _Blocks:
+    """The components that sum to the stream at `point`."""
     cfg = model.cfg
     blocks = [view["embed"][None]]
     labels = ["embed"]
@@ -148,8 +166,7 @@ def _components(model: Transformer, view: _View, point: int, split_heads: bool) 
         blocks.append(view["pos_embed"][None])
         labels.append("pos_embed")
     if cfg.residual and cfg.norm_placement == "pre":
-        rows, row_labels = _stacked_writes(model, view, point, split_heads)
-        return [*blocks, *rows], labels + row_labels
+        return _stacked_writes(model, view, point, split_heads, _Blocks(blocks, labels))
     for k in range(point):
         layer, kind = _sublayer(model, k)
         if kind == "attn" and split_heads:
@@ -168,35 +185,38 @@ def _components(model: Transformer, view: _View, point: int, split_heads: bool) 
             if b is not None:
                 blocks.append(jnp.broadcast_to(b, view["embed"].shape)[None])
                 labels.append(f"{layer}_ln{1 if kind == 'attn' else 2}_bias")
-    return blocks, labels
+    return _Blocks(blocks, labels)
 
 
-def _stacked_writes(model: Transformer, view: _View, point: int, split_heads: bool) -> tuple[list, list]:
+def _stacked_writes(model: Transformer, view: _View, point: int, split_heads: bool, prefix: _Blocks) -> _Blocks:
     """Pre-LN with residual connections: every write up to `point` is a component as it stands,
-    so the cache's stacked [n_layers, ...] arrays are taken whole (one interleaving copy rather
-    than a slice and a concatenation per layer)."""
+    so the cache's stacked [n_layers, ...] arrays are used whole, as blocks."""
     n_layers, partial = divmod(point, model.cfg.sublayers_per_layer)
-    blocks, labels = [], []
+    blocks, labels = list(prefix.blocks), list(prefix.labels)
     if model.cfg.attn_only:
         partial = 0
+    order = None
     if n_layers:
-        blocks, labels = _whole_layers(model, view, n_layers, split_heads)
+        n_prefix = len(labels)
+        attn = _all_head_rows(model, view, n_layers) if split_heads else view["attn_out"][:n_layers, None]
+        per_layer = attn.shape[1]  # attention rows per layer: 1, or n_heads + 1
+        blocks.append(attn.reshape(-1, *attn.shape[2:]))  # [n_layers * per_layer, ..., d_model]
+        for layer in range(n_layers):
+            labels += _attn_labels(model, layer, split_heads)
+            labels += [] if model.cfg.attn_only else [f"{layer}_mlp_out"]
+        if not model.cfg.attn_only:
+            blocks.append(view["mlp_out"][:n_layers])  # [n_layers, ..., d_model]
+            # label order interleaves each layer's attention rows with its MLP row
+            attn_rows = n_prefix + np.arange(n_layers * per_layer).reshape(n_layers, per_layer)
+            mlp_rows = n_prefix + n_layers * per_layer + np.arange(n_layers)[:, None]
+            order = np.concatenate([np.arange(n_prefix), np.concatenate([attn_rows, mlp_rows], 1).ravel()])
     if partial:  # the stream between layer n_layers's attention and its MLP
         blocks.append(head_rows(model, view, n_layers) if split_heads else view["attn_out"][n_layers][None])
-        labels += _attn_labels(model, n_layers, split_heads)
-    return blocks, labels
-
-
-def _whole_layers(model: Transformer, view: _View, n_layers: int, split_heads: bool) -> tuple[list, list]:
-    attn = _all_head_rows(model, view, n_layers) if split_heads else view["attn_out"][:n_layers, None]
-    per_layer = [attn] if model.cfg.attn_only else [attn, view["mlp_out"][:n_layers, None]]
-    rows = jnp.concatenate(per_layer, axis=1) if len(per_layer) > 1 else attn  # [n_layers, k, ..., d]
-    blocks = [rows.reshape(-1, *rows.shape[2:])]
-    labels = []
-    for layer in range(n_layers):
-        labels += _attn_labels(model, layer, split_heads)
-        labels += [] if model.cfg.attn_only else [f"{layer}_mlp_out"]
-    return blocks, labels
+        new_labels = _attn_labels(model, n_layers, split_heads)
+        if order is not None:
+            order = np.concatenate([order, len(labels) + np.arange(len(new_labels))])
+        labels += new_labels
+    return _Blocks(blocks, labels, order)
 
 
 def _all_head_rows(model: Transformer, view: _View, n_layers: int) -> jax.Array:
@@ -231,8 +251,8 @@ def decompose_resid(
     stream, before the final norm); `mid=True`: the stream between that layer's attention and MLP.
     `split_heads` replaces each `{l}_attn_out` row by its heads `L{l}H{h}` and `L{l}_b_O`."""
     view = _View(cache, batch, pos)
-    blocks, labels = _components(model, view, _point(model, layer, mid), split_heads)
-    return Labelled(jnp.concatenate(blocks, axis=0), tuple(labels))
+    parts = _components(model, view, _point(model, layer, mid), split_heads)
+    return Labelled(parts.map(lambda rows: rows), tuple(parts.labels))
 
 
 def _readout(model: Transformer, view: _View) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -265,12 +285,12 @@ def decompose_logits(
     """Direct contributions [n, ..., vocab] of every component to the logits, plus a `bias` row
     (final norm bias @ W_U + b_U). The rows sum to the logits the model produced."""
     view = _View(cache, batch, pos)
-    blocks, labels = _components(model, view, _point(model, None, False), split_heads)
+    parts = _components(model, view, _point(model, None, False), split_heads)
     W_eff, row_scale, bias = _readout(model, view)
-    # One 2-D matmul per block (fast on CPU), then a single concatenation that also applies the
+    # One 2-D matmul per block (fast on CPU), then one pass that orders the rows and applies the
     # per-position scale: the [n, ..., d_model] stack is never built.
-    direct = [(rows.reshape(-1, rows.shape[-1]) @ W_eff).reshape(*rows.shape[:-1], -1) for rows in blocks]
-    direct = jnp.concatenate(direct, axis=0)
+    direct = parts.map(lambda rows: (rows.reshape(-1, rows.shape[-1]) @ W_eff).reshape(*rows.shape[:-1], -1))
+    labels = parts.labels
     if row_scale is not None:
         direct = direct * row_scale
     bias = jnp.broadcast_to(bias, direct.shape[1:])
@@ -300,9 +320,9 @@ def logit_attrs(
     [batch, seq] shape (selected with `pos`/`batch`), or ids shaped like the selection.
     Computed against the chosen columns of W_U only: no [n, ..., vocab] array is made."""
     view = _View(cache, batch, pos)
-    blocks, labels = _components(model, view, _point(model, None, False), split_heads)
+    parts = _components(model, view, _point(model, None, False), split_heads)
     W_eff, row_scale, bias = _readout(model, view)
-    shape = blocks[0].shape[1:-1]
+    shape = parts.blocks[0].shape[1:-1]
 
     def column(ids: Any) -> tuple[jax.Array, jax.Array]:
         ids = jnp.broadcast_to(_token_selection(ids, cache, pos, batch), shape)
@@ -313,11 +333,12 @@ def logit_attrs(
         other_direction, other_bias = column(incorrect_tokens)
         direction, bias_row = direction - other_direction, bias_row - other_bias
     # Project each block on its own: no [n, ..., d_model] stack is built.
-    attrs = [jnp.einsum("n...d,...d->n...", rows, direction) for rows in blocks]
-    attrs = jnp.concatenate([*attrs, bias_row[None]], axis=0)
+    # A fused multiply-and-sum: as an einsum this is a batched dot over (batch, seq), which XLA
+    # serves by transposing the whole block first.
+    attrs = parts.map(lambda rows: jnp.sum(rows * direction, axis=-1))
     if row_scale is not None:
-        attrs = attrs.at[:-1].multiply(row_scale[..., 0])
-    return Labelled(attrs, (*labels, "bias"))
+        attrs = attrs * row_scale[..., 0]
+    return Labelled(jnp.concatenate([attrs, bias_row[None]], axis=0), (*parts.labels, "bias"))
 
 
 def accumulated_resid(
