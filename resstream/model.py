@@ -19,6 +19,7 @@ residual=False: the `x +` is dropped, each sublayer's output becomes the stream.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -386,8 +387,14 @@ class Transformer(nnx.Module):
     def _forward(
         self, tokens: jax.Array, *, mode: str, record: tuple[str, ...], rng: jax.Array | None
     ) -> tuple[jax.Array, Cache]:
+        tokens = check_tokens(tokens, self.cfg)  # outside jit, where a bad id can still raise
+        graphdef, state = nnx.split(self)
+        return _compiled_forward(graphdef, state, tokens, rng, mode=mode, record=record)
+
+    def _trace(
+        self, tokens: jax.Array, *, mode: str, record: tuple[str, ...], rng: jax.Array | None
+    ) -> tuple[jax.Array, Cache]:
         cfg = self.cfg
-        tokens = check_tokens(tokens, cfg)
         embed_rng, block_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
         stream = self.embed(tokens, mode, record, embed_rng)
         rope = self.rope(tokens.shape[1])
@@ -416,3 +423,13 @@ class Transformer(nnx.Module):
         elif mode == "stats":
             cache = dict(layer_records)
         return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "record"))
+def _compiled_forward(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, rng: jax.Array | None, *, mode: str, record: tuple
+) -> tuple[jax.Array, Cache]:
+    """The forward pass, compiled once per (model structure, recording mode, shapes): called
+    eagerly from a notebook it costs one compiled call, not a trace of the scan each time; inside a
+    user's jit or grad it simply inlines."""
+    return nnx.merge(graphdef, state)._trace(tokens, mode=mode, record=record, rng=rng)

@@ -9,6 +9,35 @@ from resstream import ModelConfig, Transformer
 from resstream import analysis as A  # noqa: N812  (the short name reads better in tests)
 
 
+@pytest.fixture(autouse=True)
+def eager_on_the_grid(request):
+    """On the 96-configuration grid, run the analysis functions eagerly: the same code as the
+    default compiled path (held equal to it below), without compiling one program per
+    configuration and function, which would triple the suite's time."""
+    if "arch" in request.fixturenames:
+        with jax.disable_jit():
+            yield
+    else:
+        yield
+
+
+def test_compiled_analysis_equals_eager(sampled_arch):
+    model, tokens, _logits, cache = built(**sampled_arch)
+    calls = {
+        "decompose_logits": lambda: A.decompose_logits(model, cache, split_heads=True),
+        "decompose_resid": lambda: A.decompose_resid(model, cache, 1, pos=slice(1, 4)),
+        "logit_attrs": lambda: A.logit_attrs(model, cache, tokens, incorrect_tokens=3, batch=1),
+        "logit_lens": lambda: A.logit_lens(model, cache, pos=-1),
+        "head_results": lambda: A.head_results(model, cache, 0),
+    }
+    for name, call in calls.items():
+        compiled = call()
+        with jax.disable_jit():
+            eager = call()
+        assert compiled.labels == eager.labels, name
+        np.testing.assert_allclose(compiled.values, eager.values, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_decompose_logits_sums_to_the_logits(arch):
     model, _tokens, logits, cache = built(**arch)
     for split_heads in (False, True):
