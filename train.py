@@ -1,12 +1,10 @@
-"""resstream's entry point: `python train.py --config configs/NAME.py [field=value ...]`.
+"""Train a resstream model: `python train.py [--config configs/NAME.py] [--config.train.steps=N ...]`.
 
-The training loop is not built yet; today this runs a forward pass and the exact decomposition on
-random weights (see resstream/cli.py).
+With no arguments it trains configs/default.py on the built-in corpus (this interpreter's own
+standard-library sources) and writes checkpoints, metrics, plots, samples and a report to runs/default.
 """
 
-import sys
-
-from resstream.cli import main
+from resstream.cli import train_main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    train_main()

@@ -1,118 +1,143 @@
-"""Command line: for now, a forward pass and an exact decomposition on real text.
-
-The training loop is not built yet, so the model's weights are random: the point of this command
-today is to show the pipeline (bytes -> model -> cache -> exact attribution) end to end.
-"""
+"""Command line: `python train.py --config configs/NAME.py [--config.section.field=value ...]`
+and `python -m resstream sample RUN_DIR [--prompt ...]`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
+import json
 import sys
-import sysconfig
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from ml_collections import ConfigDict, config_dict
 
-from resstream import analysis
 from resstream.config import ConfigError, ModelConfig
-from resstream.model import Transformer
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
 
 
-def load_config(path: str, overrides: list[str]) -> ModelConfig:
-    """Load `get_config()` from a Python file and apply `field=value` overrides."""
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(
-            f"config file {path} not found: pass one of {sorted(str(p) for p in Path('configs').glob('*.py'))}"
-        )
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    updates = {}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        name = name.removeprefix("--").removeprefix("model.")
-        if not sep or name not in fields:
-            raise SystemExit(f"override {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
-        current = getattr(cfg, name)
-        if isinstance(current, bool):
-            updates[name] = value.lower() in ("1", "true", "yes")
-        elif current is None or isinstance(current, int):
-            try:
-                updates[name] = None if value.lower() == "none" else int(value)
-            except ValueError:
-                raise SystemExit(f"override {item!r}: {name} takes an integer") from None
-        else:
-            try:
-                updates[name] = type(current)(value)
-            except ValueError:
-                raise SystemExit(f"override {item!r}: {name} takes a {type(current).__name__}") from None
+def base_config() -> ConfigDict:
+    """Every field a run reads, with defaults; the presets in configs/ change what they need."""
+    model = ModelConfig().to_dict()
+    model["d_head"] = config_dict.placeholder(int)
+    model["d_mlp"] = config_dict.placeholder(int)
+    return ConfigDict(
+        {
+            "run_dir": "runs/default",
+            "model": model,
+            "optimizer": {
+                "learning_rate": 1e-3,
+                "warmup_steps": 100,
+                "min_lr_ratio": 0.1,
+                "weight_decay": 0.1,
+                "b1": 0.9,
+                "b2": 0.95,
+                "grad_clip": 1.0,
+            },
+            "data": {
+                "source": "stdlib",
+                "text_column": "text",
+                "validation_fraction": 0.05,
+                "cache_dir": "runs/.token_cache",
+            },
+            "train": {
+                "steps": 1000,
+                "batch_size": 16,
+                "grad_accum": 1,
+                "seed": 0,
+                "log_every": 10,
+                "eval_every": 200,
+                "eval_batches": 8,
+                "checkpoint_every": 200,
+                "keep_last": 3,
+                "telemetry": True,
+                "tensorboard": True,
+                "progress": True,
+                "sample_tokens": 200,
+                "debug_nan_step": -1,
+            },
+        }
+    )
+
+
+def train_main() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG), "a config file in configs/", lock_config=True
+    )
+    run_dir_flag = flags.DEFINE_string(
+        "run_dir", None, "where checkpoints, logs and plots go (default: config.run_dir)"
+    )
+
+    def main(argv: list[str]) -> None:
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backends, fonts) are noise here
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}: overrides look like --config.train.steps=100")
+        from resstream.checkpoint import CheckpointError
+        from resstream.data import DataError
+        from resstream.loop import DivergenceError, run
+
+        config = config_flag.value
+        try:
+            summary = run(config, run_dir_flag.value or config.run_dir)
+        except (ConfigError, DataError, CheckpointError, DivergenceError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        print(json.dumps(summary, indent=2))
+
+    app.run(main)
+
+
+def sample_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m resstream sample", description="sample from a trained run")
+    parser.add_argument("run_dir")
+    parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_samples", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    from flax import nnx
+
+    from resstream.checkpoint import CheckpointError, Checkpoints
+    from resstream.data import ByteTokenizer
+    from resstream.loop import model_config, optimizer_config
+    from resstream.model import Transformer
+    from resstream.sampling import generate
+    from resstream.train import init_state, make_optimizer
+
+    config_file = Path(args.run_dir) / "config.json"
+    if not config_file.exists():
+        sys.exit(f"error: {args.run_dir} is not a run directory (no config.json); train one with python train.py")
+    config = ConfigDict(json.loads(config_file.read_text()))
+    cfg = model_config(config)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    _, abstract = init_state(model, make_optimizer(optimizer_config(config)), 0)
     try:
-        return dataclasses.replace(cfg, **updates)
-    except ConfigError as err:
-        raise SystemExit(f"invalid config: {err}") from None
-
-
-def stdlib_text(n_bytes: int) -> bytes:
-    """Real text available on every machine: this interpreter's own standard-library sources."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    data = b""
-    for file in files:
-        data += file.read_bytes()
-        if len(data) >= n_bytes:
-            return data[:n_bytes]
-    raise SystemExit(f"found only {len(data)} bytes of standard-library source under {sysconfig.get_paths()['stdlib']}")
+        state, _ = Checkpoints(Path(args.run_dir) / "checkpoints").restore(abstract, cfg)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+    nnx.update(model, state.params)
+    tokenizer = ByteTokenizer()
+    prompt = np.repeat(tokenizer.encode(args.prompt)[None], args.num_samples, axis=0)
+    out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    for row in out:
+        print(tokenizer.decode(row))
+        print("-" * 40)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="resstream: forward pass + exact logit decomposition (random weights)")
-    parser.add_argument("--config", default="configs/default.py")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-
-    print("NOTE: the training loop is not built yet; this runs the model with RANDOM weights on real text")
-    print(f"config {args.config}: {cfg}")
-    model = Transformer(cfg, rngs=nnx.Rngs(args.seed))
-    text = np.frombuffer(stdlib_text(args.batch * cfg.n_ctx + 1), dtype=np.uint8).astype(np.int32)
-    tokens = jnp.asarray(text[:-1].reshape(args.batch, cfg.n_ctx))
-    targets = jnp.asarray(text[1:].reshape(args.batch, cfg.n_ctx))
-
-    logits, cache = model.run_with_cache(tokens)
-    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
-    print(
-        f"tokens {tuple(tokens.shape)} from the standard library's sources; loss {float(loss):.4f} nats/byte "
-        f"(uniform over {cfg.vocab_size}: {np.log(cfg.vocab_size):.4f})"
-    )
-
-    decomposition = analysis.decompose_logits(model, cache)
-    error = float(jnp.max(jnp.abs(decomposition.sum() - logits)) / jnp.max(jnp.abs(logits)))
-    print(f"decompose_logits: {len(decomposition)} components sum back to the logits (max relative error {error:.1e})")
-
-    attrs = analysis.logit_attrs(model, cache, targets)
-    lens = analysis.logit_lens(model, cache)
-    lens_loss = -jnp.mean(
-        jnp.take_along_axis(
-            jax.nn.log_softmax(lens.values),
-            jnp.broadcast_to(targets[None, ..., None], (*lens.values.shape[:-1], 1)),
-            -1,
-        ),
-        axis=(1, 2, 3),
-    )
-    print("\ndirect logit attribution to the next byte (mean over positions) and logit-lens loss:")
-    for label, value in attrs:
-        print(f"  {label:12s} {float(jnp.mean(value)):+.5f}")
-    for label, value in zip(lens.labels, lens_loss, strict=True):
-        print(f"  lens {label:7s} {float(value):.4f} nats/byte")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:
+        sample_main(argv[1:])
+    else:
+        sys.exit(
+            "usage: python -m resstream sample RUN_DIR [--prompt TEXT] [--temperature T] [--top_k K]\n"
+            "       (training: python train.py --config configs/NAME.py)"
+        )

@@ -1,0 +1,3 @@
+from resstream.cli import main
+
+main()

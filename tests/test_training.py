@@ -1,0 +1,201 @@
+"""Real training runs of a tiny model on a slice of the built-in corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resstream.checkpoint import CheckpointError, Checkpoints
+from resstream.cli import base_config
+from resstream.data import STDLIB, load_documents
+from resstream.loop import DivergenceError, run
+from resstream.telemetry import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def corpus_slice(tmp_path_factory) -> Path:
+    """~400 kB of the default corpus (standard-library sources), as local text files."""
+    directory = tmp_path_factory.mktemp("corpus")
+    size = 0
+    for i, text in enumerate(load_documents(STDLIB, "train")["text"]):
+        (directory / f"doc{i:04d}.txt").write_text(text)
+        size += len(text.encode())
+        if size > 400_000:
+            break
+    return directory
+
+
+def tiny_config(corpus: Path, tmp_path: Path, **train):
+    config = base_config()
+    config.model.update(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_ctx=32)
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    config.data.update(source=str(corpus), cache_dir=str(tmp_path / "cache"), validation_fraction=0.1)
+    config.train.update(
+        steps=40,
+        batch_size=8,
+        log_every=1,
+        eval_every=20,
+        eval_batches=2,
+        checkpoint_every=10,
+        progress=False,
+        tensorboard=False,
+        sample_tokens=16,
+    )
+    config.train.update(**train)
+    return config
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_log(run_dir) if "loss" in r]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    counts = np.bincount(tokens, minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.slow
+def test_training_beats_the_unigram_entropy_of_its_data(corpus_slice, tmp_path):
+    config = tiny_config(
+        corpus_slice, tmp_path, steps=400, batch_size=16, eval_every=200, eval_batches=4, tensorboard=True
+    )
+    summary = run(config, tmp_path / "run")
+    from resstream.data import tokenized_corpus
+
+    entropy = unigram_entropy(
+        np.asarray(tokenized_corpus(str(corpus_slice), "validation", tmp_path / "cache", validation_fraction=0.1))
+    )
+    assert summary["status"] == "completed" and summary["step"] == 400
+    assert summary["val_loss"] < entropy - 0.5, (summary["val_loss"], entropy)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"loss.png", "stream.png", "gradients.png", "report.md", "samples.txt", "metrics.jsonl"} <= files
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert "Direct logit attribution" in (tmp_path / "run" / "report.md").read_text()
+    record = read_log(tmp_path / "run")[-1]
+    assert len(record["layer_grad_norm"]) == 2 and len(record["layer_attn_out_cos"]) == 2
+
+
+def test_telemetry_on_and_off_give_identical_losses(corpus_slice, tmp_path):
+    on = run(tiny_config(corpus_slice, tmp_path, steps=12, telemetry=True), tmp_path / "on")
+    off = run(tiny_config(corpus_slice, tmp_path, steps=12, telemetry=False), tmp_path / "off")
+    assert on["val_loss"] == off["val_loss"]
+    assert losses(tmp_path / "on") == losses(tmp_path / "off")
+    assert "layer_attn_out_norm" in read_log(tmp_path / "on")[0]
+    assert "layer_attn_out_norm" not in read_log(tmp_path / "off")[0]
+
+
+def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(corpus_slice, tmp_path):
+    config = tiny_config(corpus_slice, tmp_path, steps=40, debug_nan_step=24)
+    with pytest.raises(DivergenceError) as err:
+        run(config, tmp_path / "run")
+    assert "step 25: loss nan is not finite" in str(err.value)
+    assert "non-finite gradients in layers [0, 1] (first: layer 0)" in str(err.value)
+    assert Checkpoints(tmp_path / "run" / "checkpoints").all_steps() == [10, 20]
+
+
+def _train_process(config_overrides: list[str], run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={run_dir}", *config_overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+
+
+def _overrides(corpus: Path, tmp_path: Path, steps: int, checkpoint_every: int) -> list[str]:
+    return [
+        "--config.model.n_ctx=32",
+        f"--config.data.source={corpus}",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        f"--config.train.steps={steps}",
+        f"--config.train.checkpoint_every={checkpoint_every}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=1000000",
+        "--config.train.batch_size=8",
+        "--config.train.progress=False",
+        "--config.train.tensorboard=False",
+        "--config.train.sample_tokens=8",
+    ]
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_exactly(corpus_slice, tmp_path):
+    steps = 150
+    args = _overrides(corpus_slice, tmp_path, steps, checkpoint_every=10)
+    reference = _train_process(args, tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0, reference.communicate()
+
+    victim = _train_process(args, tmp_path / "killed")
+    first = tmp_path / "killed" / "checkpoints" / "10"
+    _wait_for(lambda: first.exists() and not any(p.name.endswith(".tmp") for p in first.parent.iterdir()), victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = max(step for step, _ in losses(tmp_path / "killed"))
+    assert killed_at < steps, "the run finished before it could be killed"
+
+    resumed = _train_process(args, tmp_path / "killed")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from step" in out
+    assert losses(tmp_path / "killed") == losses(tmp_path / "reference")
+    assert [s for s, _ in losses(tmp_path / "reference")] == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_complete_checkpoint(corpus_slice, tmp_path):
+    process = _train_process(_overrides(corpus_slice, tmp_path, 100_000, checkpoint_every=100_000), tmp_path / "run")
+    _wait_for(
+        lambda: len(losses(tmp_path / "run")) >= 5 if (tmp_path / "run" / "metrics.jsonl").exists() else False, process
+    )
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"].startswith("stopped by signal SIGTERM")
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints")
+    assert checkpoints.all_steps() == [summary["step"]]
+    from flax import nnx
+
+    from resstream.loop import model_config, optimizer_config
+    from resstream.model import Transformer
+    from resstream.train import init_state, make_optimizer
+
+    config = base_config()
+    config.update_from_flattened_dict({"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.n_ctx": 32})
+    cfg = model_config(config)
+    _, abstract = init_state(Transformer(cfg, rngs=nnx.Rngs(0)), make_optimizer(optimizer_config(config)), 0)
+    state, meta = checkpoints.restore(abstract, cfg)
+    assert int(state.step) == summary["step"] == meta["step"]
+
+
+def test_incompatible_and_corrupt_checkpoints_are_refused(corpus_slice, tmp_path):
+    run(tiny_config(corpus_slice, tmp_path, steps=10), tmp_path / "run")
+    bigger = tiny_config(corpus_slice, tmp_path, steps=20)
+    bigger.model.n_layers = 3
+    with pytest.raises(CheckpointError, match="made for a different model \\(n_layers: saved 2 vs now 3\\)"):
+        run(bigger, tmp_path / "run")
+    for file in (tmp_path / "run" / "checkpoints" / "10" / "state").rglob("*"):
+        if file.is_file() and file.stat().st_size > 100:
+            file.write_bytes(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="could not be restored"):
+        run(tiny_config(corpus_slice, tmp_path, steps=20), tmp_path / "run")
