@@ -5,21 +5,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "resstream", *args] if module else [sys.executable, "train.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_train_command_runs_the_pipeline_on_stdlib_text():
-    result = run("--config", "configs/tiny.py", "--batch", "2", "norm_placement=post")
+def test_train_command_with_overrides_then_sample(tmp_path):
+    result = run(
+        "--config",
+        "configs/tiny.py",
+        f"--run_dir={tmp_path / 'run'}",
+        "--config.train.steps=30",
+        "--config.train.eval_every=15",
+        "--config.train.checkpoint_every=15",
+        "--config.train.progress=False",
+        "--config.model.norm=rmsnorm",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+    )
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stdout
-    error = float(result.stdout.split("max relative error ")[1].split(")")[0])
-    assert error < 1e-4
-    assert "lens final" in result.stdout
+    assert '"status": "completed"' in result.stdout
+    assert '"norm": "rmsnorm"' in (tmp_path / "run" / "config.json").read_text()
+    sample = run(
+        "sample", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "20", "--temperature", "0", module=True
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("import ")
 
 
-def test_bad_config_and_overrides_are_reported():
-    assert "config file configs/missing.py not found" in run("--config", "configs/missing.py").stderr
-    assert "FIELD one of" in run("--config", "configs/tiny.py", "n_layer=3").stderr
-    assert "n_layers takes an integer" in run("--config", "configs/tiny.py", "n_layers=three").stderr
-    assert "invalid config: norm='batchnorm'" in run("--config", "configs/tiny.py", "norm=batchnorm").stderr
+def test_bad_config_and_overrides_are_reported(tmp_path):
+    missing = run("--config", "configs/missing.py")
+    assert missing.returncode != 0 and "configs/missing.py" in missing.stderr
+    unknown = run("--config", "configs/tiny.py", "--config.model.n_layer=3")
+    assert unknown.returncode != 0 and "n_layer" in unknown.stderr
+    invalid = run("--config", "configs/tiny.py", "--config.model.norm=batchnorm", f"--run_dir={tmp_path / 'a'}")
+    assert invalid.returncode == 1 and "error: norm='batchnorm' is not supported" in invalid.stderr
+    no_data = run(
+        "--config", "configs/tiny.py", "--config.data.source=nowhere/corpus.txt", f"--run_dir={tmp_path / 'b'}"
+    )
+    assert no_data.returncode == 1 and "error: data file nowhere/corpus.txt not found" in no_data.stderr
+    not_a_run = run("sample", str(tmp_path), module=True)
+    assert not_a_run.returncode != 0 and "is not a run directory" in not_a_run.stderr
