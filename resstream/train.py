@@ -47,8 +47,9 @@ def decay_mask(params: Any) -> Any:
     so the test is by name, not by rank)."""
 
     def is_matrix(path: tuple, _: Any) -> bool:
-        name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
-        return str(name).startswith("W_")
+        # the parameter's name is the last dict key (a Variable adds a trailing `.value` attribute)
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(names) and names[-1].startswith("W_")
 
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 

@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from conftest import TINY
+from resstream import ModelConfig, Transformer
+from resstream.checkpoint import Checkpoints
+from resstream.train import OptimizerConfig, decay_mask, init_state, make_optimizer, train_step
+
+
+def _setup(**model):
+    cfg = ModelConfig(**{**TINY, **model})
+    optimizer = make_optimizer(OptimizerConfig(warmup_steps=0, total_steps=10))
+    graphdef, state = init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0)
+    return cfg, optimizer, graphdef, state
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    cfg, _, graphdef, state = _setup()
+    _, _, _, twin = _setup()
+    # Plain SGD makes the update the gradient itself (Adam's first step is about sign(g), which
+    # turns rounding in near-zero gradients into large relative differences).
+    optimizer = optax.sgd(1.0)
+    state = state.replace(opt_state=optimizer.init(state.params))
+    twin = twin.replace(opt_state=optimizer.init(twin.params))
+    batch = jax.random.randint(jax.random.key(0), (8, 9), 0, cfg.vocab_size)
+    whole, m_whole = train_step(state, batch[None], graphdef=graphdef, optimizer=optimizer)
+    halves, m_halves = train_step(twin, batch.reshape(2, 4, 9), graphdef=graphdef, optimizer=optimizer)
+    np.testing.assert_allclose(m_halves["loss"], m_whole["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(halves.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    _, _, _, state = _setup()
+    mask = nnx.to_pure_dict(decay_mask(state.params))
+    flat = {"/".join(str(k) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = {name.split("/")[-1].strip("[]'") for name, v in flat.items() if v}
+    assert decayed == {"W_E", "W_pos", "W_U", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"}
+
+
+def test_bfloat16_compute_trains_with_float32_state():
+    cfg, optimizer, graphdef, state = _setup(dtype="bfloat16")
+    batch = jax.random.randint(jax.random.key(0), (1, 4, 9), 0, cfg.vocab_size)
+    for _ in range(3):
+        state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+        assert bool(metrics["finite"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep_last=2)
+    state = {"x": jnp.arange(3.0)}
+    for step, val_loss in zip(range(1, 6), [3.0, 1.0, 2.0, 4.0, 5.0], strict=True):
+        checkpoints.save(step, state, {"step": step}, val_loss=val_loss)
+    assert checkpoints.all_steps() == [2, 4, 5]
