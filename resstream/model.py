@@ -412,6 +412,9 @@ class Transformer(nnx.Module):
             layer_stream = nnx.merge(graphdef, layer_state)(layer_stream, rope, layer_rng, drop_prob)
             return layer_stream.resid, layer_stream.records
 
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+            body = jax.checkpoint(body, policy=policy)
         resid, layer_records = jax.lax.scan(body, stream.resid, per_layer)
         logits, final_scale = self.unembed(resid)
 

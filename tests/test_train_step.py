@@ -56,3 +56,23 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
     for step, val_loss in zip(range(1, 6), [3.0, 1.0, 2.0, 4.0, 5.0], strict=True):
         checkpoints.save(step, state, {"step": step}, val_loss=val_loss)
     assert checkpoints.all_steps() == [2, 4, 5]
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    results = []
+    for remat in ("none", "dots", "full"):
+        cfg = ModelConfig(**{**TINY, "remat": remat})
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+
+        def loss(params, graphdef=graphdef, tokens=tokens):
+            logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        results.append(jax.value_and_grad(loss)(params))
+    (loss_none, grads_none), *others = results
+    for loss_other, grads_other in others:
+        np.testing.assert_allclose(loss_other, loss_none, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads_other), jax.tree.leaves(grads_none), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
