@@ -9,5 +9,5 @@ def get_config():
     config.run_dir = "runs/default"
     config.model.update(vocab_size=256, n_layers=4, d_model=128, n_heads=4, n_ctx=128)
     config.optimizer.update(learning_rate=2e-3, warmup_steps=100)
-    config.train.update(steps=1200, batch_size=16, eval_every=200, checkpoint_every=200)
+    config.train.update(steps=1600, batch_size=16, eval_every=200, checkpoint_every=200)
     return config
