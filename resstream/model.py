@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from resstream.config import ModelConfig
-from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream
+from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream, token_norm
 
 Cache = dict[str, jax.Array]
 
@@ -205,7 +205,7 @@ class Block(nnx.Module):
             return write if depth_mask is None else (write * depth_mask).astype(write.dtype)
 
         stream = stream.record("resid_pre", stream.read())
-        stream = stream.record_stat("resid_pre_norm", jnp.mean(_norm_of(stream.read())))
+        stream = stream.record_stat("resid_pre_norm", jnp.mean(token_norm(stream.read())))
         stream = self._sublayer(stream, self.ln1, "ln1", "attn_out", self._attn(rope, stream), attn_key, finish)
         if self.mlp is not None:
             stream = stream.record("resid_mid", stream.read())
@@ -241,10 +241,6 @@ class Block(nnx.Module):
         stream = stream.record(f"{norm_name}_scale", scale)
         stream, out = sublayer(stream, h)
         return stream.write(write_name, finish(out, key))
-
-
-def _norm_of(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig) -> jax.Array:

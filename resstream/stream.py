@@ -21,7 +21,7 @@ MODES: tuple[str, ...] = ("off", "stats", "full")
 OPTIONAL_RECORDS: tuple[str, ...] = ("resid_pre", "resid_mid", "mlp_post", "pattern")
 
 
-def _token_norm(x: jax.Array) -> jax.Array:
+def token_norm(x: jax.Array) -> jax.Array:
     """L2 norm over d_model of each token: [..., d_model] -> [...], in float32."""
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
 
@@ -54,8 +54,8 @@ class ResidualStream:
         if self.mode == "full":
             records[name] = value
         elif self.mode == "stats":
-            write_norm = _token_norm(value)
-            stream_norm = _token_norm(self.resid)
+            write_norm = token_norm(value)
+            stream_norm = token_norm(self.resid)
             dot = jnp.sum(value.astype(jnp.float32) * self.resid.astype(jnp.float32), axis=-1)
             cos = dot / jnp.maximum(write_norm * stream_norm, 1e-12)
             records[f"{name}_norm"] = jnp.mean(write_norm)
