@@ -57,12 +57,16 @@ def stdlib_files() -> list[Path]:
     """The interpreter's standard-library sources, sorted: site-packages excluded, and the few
     files that are not UTF-8 (encoding fixtures of the test suite, such as
     test/encoded_modules/module_iso_8859_1.py) left out."""
-    root = stdlib_root()
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    files = [p for p in files if _is_utf8(p)]
+    files = [p for p in _stdlib_candidates() if _is_utf8(p)]
     if not files:
-        raise DataError(f"no standard-library sources under {root}: pass a local corpus with data.source=PATH")
+        raise DataError(f"no standard-library sources under {stdlib_root()}: pass a local corpus with data.source=PATH")
     return files
+
+
+def _stdlib_candidates() -> list[Path]:
+    """The standard library's .py files, site-packages excluded (listed, not read)."""
+    root = stdlib_root()
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
 
 
 def _is_utf8(path: Path) -> bool:
@@ -92,9 +96,10 @@ def load_documents(source: str, split: str, *, text_column: str = "text", valida
         ]
         texts = [_read_text(p) for p in chosen]
         return datasets.Dataset.from_dict({"text": texts, "path": [str(p.relative_to(root)) for p in chosen]})
-    files = _local_files(source)
-    if files is None:
+    all_files = _local_files(source)
+    if all_files is None:
         return _hub_dataset(source, split, text_column)
+    files = all_files
     suffixes = {p.suffix for p in files}
     if len(suffixes) > 1:
         raise DataError(f"{source} mixes file types {sorted(suffixes)}: point at files of one kind")
@@ -104,7 +109,7 @@ def load_documents(source: str, split: str, *, text_column: str = "text", valida
         if not files:
             raise DataError(f"{source}: no file falls in the {split} split; add files or use a single file")
     dataset = _load_files(files, suffix, text_column)
-    if len(_local_files(source)) == 1:  # one file: split by document
+    if len(all_files) == 1:  # one file: split by document
         keep = [
             i for i in range(len(dataset)) if _in_validation(f"{i}", validation_fraction) == (split == "validation")
         ]
@@ -185,7 +190,8 @@ def _hub_dataset(name: str, split: str, text_column: str):
 def _fingerprint(source: str, split: str, text_column: str, validation_fraction: float) -> str:
     """Identifies a tokenized corpus: the source's files (path, size, mtime) and the split."""
     digest = hashlib.sha256(f"{source}|{split}|{text_column}|{validation_fraction}|bytes-v1".encode())
-    files = stdlib_files() if source == STDLIB else (_local_files(source) or [])
+    # Listing and stat only: a cache hit must not read the corpus.
+    files = _stdlib_candidates() if source == STDLIB else (_local_files(source) or [])
     for p in files:
         stat = p.stat()
         digest.update(f"{p}|{stat.st_size}|{stat.st_mtime_ns}".encode())

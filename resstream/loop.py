@@ -137,10 +137,9 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
                 record = {"step": done, **record, "val_loss": val}
             if record:
                 log.write(record)
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
-                checkpoints.save(done, state, meta(), val_loss=val if record.get("val_loss") is not None else None)
+            if done % tc.checkpoint_every == 0 or done == tc.steps or stop.signal is not None:
+                checkpoints.save(done, state, meta(), val_loss=record.get("val_loss"))
             if stop.signal is not None:
-                checkpoints.save(done, state, meta())
                 status = f"stopped by signal {signal.Signals(stop.signal).name} after step {done}"
                 break
     progress.close()

@@ -265,11 +265,12 @@ def check_tokens(tokens: Any, cfg: ModelConfig) -> jax.Array:
             f"truncate or split the input to at most {cfg.n_ctx} tokens, or use a config with larger n_ctx"
         )
     if not isinstance(tokens, jax.core.Tracer):
-        bad = np.argwhere((np.asarray(tokens) < 0) | (np.asarray(tokens) >= cfg.vocab_size))
+        host = np.asarray(tokens)
+        bad = np.argwhere((host < 0) | (host >= cfg.vocab_size))
         if len(bad):
             b, t = (int(i) for i in bad[0])
             raise TokenError(
-                f"token id {int(tokens[b, t])} at [batch {b}, position {t}] is outside the vocabulary "
+                f"token id {int(host[b, t])} at [batch {b}, position {t}] is outside the vocabulary "
                 f"[0, {cfg.vocab_size}) ({len(bad)} such ids in all): check the tokenizer, or raise "
                 "vocab_size in the config"
             )
@@ -331,8 +332,7 @@ class Transformer(nnx.Module):
         if self.W_pos is not None:
             pos = jnp.broadcast_to(self.W_pos[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
             pos = _dropout(pos, cfg.dropout, keys[1])
-            stream = ResidualStream(embed + pos, stream.records, mode=mode, residual=True, optional=record)
-            stream = stream.record("pos_embed", pos)
+            stream = stream.replace(resid=embed + pos).record("pos_embed", pos)
         return stream.replace(residual=cfg.residual)
 
     def unembed(self, resid: jax.Array) -> tuple[jax.Array, jax.Array | None]:

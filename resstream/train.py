@@ -142,7 +142,6 @@ def train_step(
         "grad_norm": grad_norm,
         "finite": finite,
         "layer_grad_norm": layer_grad_norm,
-        "first_nonfinite_layer": jnp.argmin(jnp.isfinite(layer_grad_norm)),
         "embed_grad_finite": jnp.isfinite(optax.tree.norm({k: v for k, v in grads.items() if k != "blocks"})),
         **{f"layer_{name}": value for name, value in stats.items()},
     }
