@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from resstream.config import ModelConfig
-from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream, token_norm
+from resstream.stream import MODES, OPTIONAL_RECORDS, Ablation, Replacement, ResidualStream, token_norm
 
 Cache = dict[str, jax.Array]
 
@@ -114,10 +115,15 @@ class Attention(nnx.Module):
         self.b_O = _zeros((d,), pdt)
 
     def __call__(
-        self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, want_pattern: bool
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None,
+        want_pattern: bool,
+        edit_z: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """x [batch, seq, d_model] -> (attn_out [batch, seq, d_model],
-        z [batch, seq, n_heads, d_head], pattern [batch, n_heads, seq_q, seq_k] or None)."""
+        z [batch, seq, n_heads, d_head], pattern [batch, n_heads, seq_q, seq_k] or None).
+        `edit_z` (head ablation) changes z before W_O."""
         batch, seq, d_model = x.shape
         dt = self.dtype
         flat = x.reshape(batch * seq, d_model).astype(dt)
@@ -130,15 +136,24 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
         # One attention implementation in every recording mode, so recording the pattern cannot
-        # change the logits; softmax in float32.
+        # change the logits; softmax in float32. The softmax's normalisation divides z [b, q, h, e]
+        # rather than the weights [b, h, q, k]: one pass fewer over the largest array (attention
+        # took 25 ms instead of 45 ms at batch 8 x seq 256 on CPU); the pattern is made only if
+        # recorded.
         scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(q.shape[-1])
         causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        pattern = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        z = jnp.einsum("bhqk,bkhe->bqhe", pattern.astype(dt), v)
+        scores = jnp.where(causal, scores, -jnp.inf)  # the diagonal is never masked: max is finite
+        weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [batch, n_heads, q, k]
+        total = jnp.sum(weights, axis=-1)  # [batch, n_heads, q]
+        z = jnp.einsum("bhqk,bkhe->bqhe", weights.astype(dt), v, preferred_element_type=jnp.float32)
+        z = (z / jnp.transpose(total, (0, 2, 1))[..., None]).astype(dt)
+        pattern = weights / total[..., None] if want_pattern else None
+        if edit_z is not None:
+            z = edit_z(z)
         out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
         out = out + self.b_O[...].astype(dt)
-        return out.reshape(batch, seq, d_model), z, pattern if want_pattern else None
+        return out.reshape(batch, seq, d_model), z, pattern
 
 
 class MLP(nnx.Module):
@@ -206,17 +221,47 @@ class Block(nnx.Module):
 
         stream = stream.record("resid_pre", stream.read())
         stream = stream.record_stat("resid_pre_norm", jnp.mean(token_norm(stream.read())))
-        stream = self._sublayer(stream, self.ln1, "ln1", "attn_out", self._attn(rope, stream), attn_key, finish)
+        stream = self.sublayer("attn", stream, rope, attn_key, finish)
         if self.mlp is not None:
             stream = stream.record("resid_mid", stream.read())
-            stream = self._sublayer(stream, self.ln2, "ln2", "mlp_out", self._mlp(), mlp_key, finish)
+            stream = self.sublayer("mlp", stream, rope, mlp_key, finish)
         return stream
+
+    def sublayer(
+        self,
+        kind: str,
+        stream: ResidualStream,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        key: jax.Array | None = None,
+        finish: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None,
+        compute: bool = True,
+    ) -> ResidualStream:
+        """Apply one sublayer ("attn" or "mlp"): read the stream, compute, write, and (post-LN)
+        normalise. `compute=False` skips the sublayer's own computation and writes zeros in its
+        place: for a stream whose ablation replaces or deletes this write anyway."""
+        norm, norm_name, write_name = (self.ln1, "ln1", "attn_out") if kind == "attn" else (self.ln2, "ln2", "mlp_out")
+        run = self._attn(rope, stream) if kind == "attn" else self._mlp()
+        if not compute:
+            run = lambda s, h: (s, jnp.zeros(stream.resid.shape, stream.resid.dtype))  # noqa: E731
+        finish = finish or (lambda write, _: write)
+        before = stream.read()
+        if self.post_ln:  # x = norm(x + f(x))
+            stream, out = run(stream, stream.read())
+            stream = stream.write(write_name, finish(out, key))
+            y, scale = norm(stream.read())
+            stream = stream.record(f"{norm_name}_scale", scale).replace_resid(y)
+        else:  # x = x + f(norm(x))
+            h, scale = norm(stream.read())
+            stream = stream.record(f"{norm_name}_scale", scale)
+            stream, out = run(stream, h)
+            stream = stream.write(write_name, finish(out, key))
+        return stream.skip(write_name, before)
 
     def _attn(self, rope, stream: ResidualStream):
         want_pattern = stream.wants("pattern")
 
         def run(s: ResidualStream, h: jax.Array) -> tuple[ResidualStream, jax.Array]:
-            out, z, pattern = self.attn(h, rope, want_pattern)
+            out, z, pattern = self.attn(h, rope, want_pattern, s.edit_z)
             s = s.record("z", z)
             if pattern is not None:
                 s = s.record("pattern", pattern)
@@ -230,17 +275,6 @@ class Block(nnx.Module):
             return s.record("mlp_post", post), out
 
         return run
-
-    def _sublayer(self, stream, norm, norm_name, write_name, sublayer, key, finish) -> ResidualStream:
-        if self.post_ln:  # x = norm(x + f(x))
-            stream, out = sublayer(stream, stream.read())
-            stream = stream.write(write_name, finish(out, key))
-            y, scale = norm(stream.read())
-            return stream.record(f"{norm_name}_scale", scale).replace_resid(y)
-        h, scale = norm(stream.read())  # x = x + f(norm(x))
-        stream = stream.record(f"{norm_name}_scale", scale)
-        stream, out = sublayer(stream, h)
-        return stream.write(write_name, finish(out, key))
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig) -> jax.Array:
@@ -347,9 +381,17 @@ class Transformer(nnx.Module):
         return logits + self.b_U[...].astype(jnp.float32), scale
 
     # ---------------------------------------------------------------------------------- forward
-    def __call__(self, tokens: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
-        return self._forward(tokens, mode="off", record=(), rng=rng)[0]
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        ablation: Ablation | None = None,
+        replacement: Replacement | None = None,
+    ) -> jax.Array:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). With an `ablation` (and the
+        `replacement` values it writes), the ablated model's logits: see `resstream.ablation`."""
+        return self._forward(tokens, mode="off", record=(), rng=rng, ablation=ablation, replacement=replacement)[0]
 
     def run_with_cache(
         self,
@@ -358,6 +400,8 @@ class Transformer(nnx.Module):
         mode: str = "full",
         record: tuple[str, ...] = (),
         rng: jax.Array | None = None,
+        ablation: Ablation | None = None,
+        replacement: Replacement | None = None,
     ) -> tuple[jax.Array, Cache]:
         """Forward pass that also returns what the blocks recorded.
 
@@ -369,7 +413,8 @@ class Transformer(nnx.Module):
         "mlp_post" [n_layers, batch, seq, d_mlp], "pattern" [n_layers, batch, n_heads, seq_q, seq_k].
         mode "stats": per-layer scalars [n_layers]: "resid_pre_norm", and for each write
         ("attn_out", "mlp_out") "{write}_norm", "{write}_resid_norm", "{write}_cos" (token means).
-        The logits are the same in every mode.
+        The logits are the same in every mode. With an `ablation`, the cache records what the
+        ablated model wrote (a deleted sublayer's record holds what it would have written).
         """
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a recording mode: choose one of {list(MODES)}")
@@ -378,17 +423,35 @@ class Transformer(nnx.Module):
             raise ValueError(f"cannot record {unknown}: optional records are {list(OPTIONAL_RECORDS)}")
         if record and mode != "full":
             raise ValueError(f"record={record} needs mode='full', got mode={mode!r}")
-        return self._forward(tokens, mode=mode, record=tuple(record), rng=rng)
+        return self._forward(
+            tokens, mode=mode, record=tuple(record), rng=rng, ablation=ablation, replacement=replacement
+        )
 
     def _forward(
-        self, tokens: jax.Array, *, mode: str, record: tuple[str, ...], rng: jax.Array | None
+        self,
+        tokens: jax.Array,
+        *,
+        mode: str,
+        record: tuple[str, ...],
+        rng: jax.Array | None,
+        ablation: Ablation | None = None,
+        replacement: Replacement | None = None,
     ) -> tuple[jax.Array, Cache]:
         tokens = check_tokens(tokens, self.cfg)  # outside jit, where a bad id can still raise
+        if (ablation is None) != (replacement is None):
+            raise ValueError("an ablation needs its replacement values and vice versa: pass both or neither")
         graphdef, state = nnx.split(self)
-        return _compiled_forward(graphdef, state, tokens, rng, mode=mode, record=record)
+        return _compiled_forward(graphdef, state, tokens, rng, (ablation, replacement), mode=mode, record=record)
 
     def _trace(
-        self, tokens: jax.Array, *, mode: str, record: tuple[str, ...], rng: jax.Array | None
+        self,
+        tokens: jax.Array,
+        *,
+        mode: str,
+        record: tuple[str, ...],
+        rng: jax.Array | None,
+        ablation: Ablation | None = None,
+        replacement: Replacement | None = None,
     ) -> tuple[jax.Array, Cache]:
         cfg = self.cfg
         embed_rng, block_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
@@ -397,14 +460,16 @@ class Transformer(nnx.Module):
 
         graphdef, block_state = nnx.split(self.blocks)
         if block_rng is None:
-            per_layer = (block_state, None, None)
+            per_layer = (block_state, None, None, ablation, replacement)
         else:
             drop_probs = jnp.linspace(0.0, cfg.stochastic_depth, cfg.n_layers, dtype=jnp.float32)
-            per_layer = (block_state, jax.random.split(block_rng, cfg.n_layers), drop_probs)
+            per_layer = (block_state, jax.random.split(block_rng, cfg.n_layers), drop_probs, ablation, replacement)
 
         def body(resid: jax.Array, xs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            layer_state, layer_rng, drop_prob = xs
-            layer_stream = stream.replace(resid=resid, records={})
+            layer_state, layer_rng, drop_prob, layer_ablation, layer_replacement = xs
+            layer_stream = stream.replace(
+                resid=resid, records={}, ablation=layer_ablation, replacement=layer_replacement
+            )
             layer_stream = nnx.merge(graphdef, layer_state)(layer_stream, rope, layer_rng, drop_prob)
             return layer_stream.resid, layer_stream.records
 
@@ -426,9 +491,18 @@ class Transformer(nnx.Module):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "record"))
 def _compiled_forward(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, rng: jax.Array | None, *, mode: str, record: tuple
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    rng: jax.Array | None,
+    intervention: tuple[Ablation | None, Replacement | None],
+    *,
+    mode: str,
+    record: tuple,
 ) -> tuple[jax.Array, Cache]:
     """The forward pass, compiled once per (model structure, recording mode, shapes): called
     eagerly from a notebook it costs one compiled call, not a trace of the scan each time; inside a
     user's jit or grad it simply inlines."""
-    return nnx.merge(graphdef, state)._trace(tokens, mode=mode, record=record, rng=rng)
+    ablation, replacement = intervention
+    model = nnx.merge(graphdef, state)
+    return model._trace(tokens, mode=mode, record=record, rng=rng, ablation=ablation, replacement=replacement)

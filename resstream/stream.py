@@ -3,6 +3,11 @@
 A block reads the stream, computes a sublayer, and writes the result back. Writes are recorded
 according to the stream's mode, so the one model code path serves training (nothing kept),
 telemetry (cheap per-layer statistics) and analysis (every write, kept for exact decomposition).
+
+Interventions are data too: an `Ablation` (which writes, heads or sublayers to change; boolean
+masks) and a `Replacement` (the values written instead) ride along with the stream, one layer's
+slice at a time, so an ablated forward pass is the ordinary forward pass and vmaps, jits and shards
+like it.
 """
 
 from __future__ import annotations
@@ -27,15 +32,49 @@ def token_norm(x: jax.Array) -> jax.Array:
 
 
 @struct.dataclass
+class Ablation:
+    """Which writes to change, as boolean masks (stacked: a leading [n_layers] axis; the scan hands
+    each layer its slice). Add a leading axis of your own to `jax.vmap` over many ablations.
+
+    replace_attn, replace_mlp: [n_layers] the sublayer's write is replaced by the `Replacement`'s.
+    replace_heads:             [n_layers, n_heads] the head's z (before W_O) is replaced.
+    skip_attn, skip_mlp:       [n_layers] the sublayer is deleted: the stream leaves it as it came
+                               in (for a post-LN model, its norm is skipped too).
+    """
+
+    replace_attn: jax.Array
+    replace_mlp: jax.Array
+    replace_heads: jax.Array
+    skip_attn: jax.Array
+    skip_mlp: jax.Array
+
+
+@struct.dataclass
+class Replacement:
+    """Values written in place of the ablated ones; a size-1 batch or position axis broadcasts.
+
+    attn_out, mlp_out: [n_layers, batch | 1, seq | 1, d_model]
+    z:                 [n_layers, batch | 1, seq | 1, n_heads, d_head]
+    """
+
+    attn_out: jax.Array
+    mlp_out: jax.Array
+    z: jax.Array
+
+
+@struct.dataclass
 class ResidualStream:
     """The stream entering the next reader, plus this layer's records.
 
     resid:   [batch, seq, d_model] the residual stream as the next sublayer reads it.
     records: name -> array, what this layer recorded (becomes the scan's per-layer output).
+    ablation, replacement: this layer's slice of an intervention, or None.
     """
 
     resid: jax.Array
     records: dict[str, jax.Array]
+    ablation: Ablation | None = None
+    replacement: Replacement | None = None
     mode: str = struct.field(pytree_node=False, default="off")
     residual: bool = struct.field(pytree_node=False, default=True)
     optional: tuple[str, ...] = struct.field(pytree_node=False, default=())
@@ -47,8 +86,12 @@ class ResidualStream:
         """Add `value` to the stream (or replace the stream, in a plain network) and record it.
 
         mode "full" keeps the write; mode "stats" keeps the mean token norm of the write, the mean
-        token norm of the stream it is written into, and their mean cosine.
+        token norm of the stream it is written into, and their mean cosine. An ablation replaces
+        the value first (`name` is "attn_out" or "mlp_out"), so what is recorded is what was written.
         """
+        if self.ablation is not None:
+            mask = getattr(self.ablation, f"replace_{name.removesuffix('_out')}")
+            value = jnp.where(mask, getattr(self.replacement, name).astype(value.dtype), value)
         resid = self.resid + value if self.residual else value
         records = dict(self.records)
         if self.mode == "full":
@@ -62,6 +105,20 @@ class ResidualStream:
             records[f"{name}_resid_norm"] = jnp.mean(stream_norm)
             records[f"{name}_cos"] = jnp.mean(cos)
         return self.replace(resid=resid, records=records)
+
+    def edit_z(self, z: jax.Array) -> jax.Array:
+        """Apply the head ablation to z [batch, seq, n_heads, d_head] (before W_O)."""
+        if self.ablation is None:
+            return z
+        return jnp.where(self.ablation.replace_heads[:, None], self.replacement.z.astype(z.dtype), z)
+
+    def skip(self, name: str, resid_before: jax.Array) -> ResidualStream:
+        """Undo the sublayer that wrote `name` when the ablation deletes it: the stream is again
+        `resid_before`, the stream the sublayer read."""
+        if self.ablation is None:
+            return self
+        mask = getattr(self.ablation, f"skip_{name.removesuffix('_out')}")
+        return self.replace(resid=jnp.where(mask, resid_before, self.resid))
 
     def replace_resid(self, resid: jax.Array) -> ResidualStream:
         """Replace the stream wholesale (post-LN: the norm applied to the stream after a write)."""

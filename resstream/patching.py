@@ -1,0 +1,150 @@
+"""Activation patching of the residual stream: which (layer, position) carries the information.
+
+Run a clean and a corrupted prompt. Then, for each layer l and position p, rerun the corrupted
+prompt with the stream entering layer l at position p replaced by the clean run's, and measure the
+logit difference logit[answer] - logit[wrong] at the last position. Where patching restores the
+clean difference, that piece of the stream carries what the corruption removed.
+
+Every (layer, position) is one job of `resstream.vectorised.run_lanes`: a patch at layer l shares
+the corrupted run's first l layers, so the whole grid is one compiled call doing about half the
+work of n_layers * seq separate forward passes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from resstream.ablation import AblationError, no_ablation, stack, zero_replacement
+from resstream.model import Transformer, check_tokens
+from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
+
+
+@struct.dataclass
+class PatchingResult:
+    """logit_diff [n_layers, seq]: the corrupted run's logit difference with the clean stream
+    patched in at (layer, position); clean_diff, corrupted_diff: the unpatched runs' (scalars, mean
+    over the batch). `recovered` = (patched - corrupted) / (clean - corrupted): 1 where the patch
+    restores the clean behaviour, 0 where it changes nothing."""
+
+    logit_diff: jax.Array
+    clean_diff: jax.Array
+    corrupted_diff: jax.Array
+
+    @property
+    def recovered(self) -> jax.Array:
+        return (self.logit_diff - self.corrupted_diff) / (self.clean_diff - self.corrupted_diff)
+
+
+def _logit_diff(logits: jax.Array, answer: jax.Array, wrong: jax.Array) -> jax.Array:
+    """Mean over the batch of logit[answer] - logit[wrong] at the last position; answer, wrong [batch]."""
+    last = logits[:, -1]  # [batch, vocab]
+    rows = jnp.arange(last.shape[0])
+    return jnp.mean(last[rows, answer] - last[rows, wrong])
+
+
+def _answers(ids: Any, batch: int, vocab: int, name: str) -> jax.Array:
+    ids = np.broadcast_to(np.asarray(ids), (batch,))
+    if not np.issubdtype(ids.dtype, np.integer) or ((ids < 0) | (ids >= vocab)).any():
+        raise AblationError(f"{name} must be token ids in [0, {vocab}) (one, or one per sequence), got {ids}")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.Array, jax.Array]:
+    clean, corrupted = check_tokens(clean, model.cfg), check_tokens(corrupted, model.cfg)
+    if clean.shape != corrupted.shape:
+        raise AblationError(
+            f"clean tokens have shape {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)}: patching "
+            "copies the stream position by position, so the two prompts must have the same shape"
+        )
+    return clean, corrupted
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "chunk", "readout"))
+def _patched(graphdef, state, clean, corrupted, positions, args, *, schedule: Schedule, chunk: int, readout):
+    model = nnx.merge(graphdef, state)
+    record = ("resid_pre", "resid_mid")
+    clean_logits, clean_cache = model._trace(clean, mode="full", record=record, rng=None)
+    corrupted_logits, corrupted_cache = model._trace(corrupted, mode="full", record=record, rng=None)
+    masks = stack([no_ablation(model.cfg)] * schedule.n_jobs)
+    out = run_lanes(
+        model,
+        corrupted_cache,
+        masks,
+        zero_replacement(model.cfg),
+        schedule,
+        lambda logits: readout(logits, *args),
+        source=clean_cache,
+        patch_positions=positions,
+        chunk_size=chunk,
+    )
+    return out, readout(clean_logits, *args), readout(corrupted_logits, *args)
+
+
+def _run(model: Transformer, clean, corrupted, layers: np.ndarray, positions: np.ndarray, readout, args, chunk_size):
+    n_jobs = len(layers)
+    masks = stack([no_ablation(model.cfg)] * n_jobs)
+    schedule = make_schedule(model, masks, patch_layers=layers)
+    chunk = chunk_size or auto_chunk(model, *clean.shape, n_jobs)
+    graphdef, state = nnx.split(model)
+    return _patched(
+        graphdef, state, clean, corrupted, jnp.asarray(positions), args, schedule=schedule, chunk=chunk, readout=readout
+    )
+
+
+def _identity(logits: jax.Array) -> jax.Array:
+    return logits
+
+
+def run_patched(
+    model: Transformer, clean_tokens: Any, corrupted_tokens: Any, layer: int, positions: Any = None
+) -> jax.Array:
+    """Logits [batch, seq, vocab] of the corrupted run with the clean stream entering `layer`
+    patched in at `positions` (indices or a boolean mask over seq; None: every position)."""
+    clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
+    cfg, seq = model.cfg, clean.shape[1]
+    if not 0 <= layer < cfg.n_layers:
+        raise AblationError(
+            f"layer={layer} is out of range: the stream can be patched entering layers 0..{cfg.n_layers - 1}"
+        )
+    mask = np.ones(seq, bool) if positions is None else np.zeros(seq, bool)
+    if positions is not None:
+        try:
+            mask[np.asarray(positions)] = True
+        except IndexError:
+            raise AblationError(
+                f"positions {positions} out of range: the prompts have positions 0..{seq - 1}"
+            ) from None
+    out, _, _ = _run(model, clean, corrupted, np.array([layer]), mask[None], _identity, (), None)
+    return out[0]
+
+
+def patch_resid(
+    model: Transformer,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    answer_tokens: Any,
+    wrong_tokens: Any,
+    *,
+    chunk_size: int | None = None,
+) -> PatchingResult:
+    """Patch the clean stream into the corrupted run at every (layer, position), one at a time, in
+    one compiled call; returns the [n_layers, seq] grid of logit differences
+    logit[answer] - logit[wrong] at the last position. `answer_tokens`, `wrong_tokens`: an id, or
+    one per sequence."""
+    clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
+    cfg = model.cfg
+    batch, seq = clean.shape
+    answer = _answers(answer_tokens, batch, cfg.vocab_size, "answer_tokens")
+    wrong = _answers(wrong_tokens, batch, cfg.vocab_size, "wrong_tokens")
+    layers = np.repeat(np.arange(cfg.n_layers), seq)
+    positions = np.tile(np.eye(seq, dtype=bool), (cfg.n_layers, 1))  # job (l, p) patches position p
+    grid, clean_diff, corrupted_diff = _run(
+        model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong), chunk_size
+    )
+    return PatchingResult(grid.reshape(cfg.n_layers, seq), clean_diff, corrupted_diff)
