@@ -35,11 +35,13 @@ def _rotate(x: np.ndarray, base: float) -> np.ndarray:
     return out
 
 
-def _attention(x: np.ndarray, p: dict, cfg) -> np.ndarray:
-    """x [seq, d_model] for one sequence."""
+def _attention(x: np.ndarray, p: dict, cfg, dropped_heads: frozenset = frozenset()) -> np.ndarray:
+    """x [seq, d_model] for one sequence; heads in `dropped_heads` contribute nothing (b_O stays)."""
     seq = x.shape[0]
     out = np.zeros_like(x)
     for h in range(cfg.n_heads):
+        if h in dropped_heads:
+            continue
         q = x @ p["W_Q"][h] + p["b_Q"][h]
         k = x @ p["W_K"][h] + p["b_K"][h]
         v = x @ p["W_V"][h] + p["b_V"][h]
@@ -63,8 +65,14 @@ def _mlp(x: np.ndarray, p: dict, kind: str) -> np.ndarray:
     return post @ p["W_out"] + p["b_out"]
 
 
-def reference_logits(params: dict, cfg, tokens: np.ndarray) -> np.ndarray:
-    """params: nested dict of arrays (as `nnx.to_pure_dict` gives); tokens [batch, seq] -> logits."""
+def reference_logits(
+    params: dict, cfg, tokens: np.ndarray, drop: set = frozenset(), skip: set = frozenset(), heads: set = frozenset()
+) -> np.ndarray:
+    """params: nested dict of arrays (as `nnx.to_pure_dict` gives); tokens [batch, seq] -> logits.
+
+    Removed by hand: `drop` {(layer, "attn" | "mlp")}: that sublayer writes zero; `skip`: that
+    sublayer is left out (the stream passes it unchanged); `heads` {(layer, head)}: the head adds
+    nothing to its layer's write."""
     params = _to_float64(params)
     W_U = params["W_E"].T if cfg.tied_embeddings else params["W_U"]
     layer_params = [
@@ -76,11 +84,16 @@ def reference_logits(params: dict, cfg, tokens: np.ndarray) -> np.ndarray:
         x = params["W_E"][seq_tokens]
         if cfg.positions == "learned":
             x = x + params["W_pos"][: len(seq_tokens)]
-        for p in layer_params:
-            sublayers = [("ln1", lambda h, p=p: _attention(h, p["attn"], cfg))]
+        for layer, p in enumerate(layer_params):
+            dropped = frozenset(h for (at, h) in heads if at == layer)
+            sublayers = [("attn", "ln1", lambda h, p=p, d=dropped: _attention(h, p["attn"], cfg, d))]
             if not cfg.attn_only:
-                sublayers.append(("ln2", lambda h, p=p: _mlp(h, p["mlp"], cfg.mlp)))
-            for norm_name, f in sublayers:
+                sublayers.append(("mlp", "ln2", lambda h, p=p: _mlp(h, p["mlp"], cfg.mlp)))
+            for kind, norm_name, f in sublayers:
+                if (layer, kind) in skip:
+                    continue
+                if (layer, kind) in drop:
+                    f = lambda h: np.zeros_like(h)  # noqa: E731
                 norm = p[norm_name]
                 if cfg.norm_placement == "pre":
                     write = f(_norm(x, norm, cfg.norm, cfg.norm_eps))

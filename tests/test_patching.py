@@ -1,0 +1,74 @@
+"""Activation patching of the residual stream: against a layer-by-layer run by hand."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import built, max_rel_err, roundoff_tolerance
+from resstream import ResidualStream
+from resstream import patching as P  # noqa: N812
+from resstream.ablation import AblationError
+
+
+def _pair(**arch):
+    model, clean, logits, _ = built(**arch)
+    corrupted = jnp.roll(clean, 1, axis=1)
+    return model, clean, corrupted, logits
+
+
+def _patched_by_hand(model, clean, corrupted, layer, position):
+    """Corrupted run's stream entering `layer`, one position copied from the clean run, then the
+    remaining layers one Block at a time."""
+    record = ("resid_pre",)
+    _, clean_cache = model.run_with_cache(clean, record=record)
+    _, corrupted_cache = model.run_with_cache(corrupted, record=record)
+    resid = corrupted_cache["resid_pre"][layer].at[:, position].set(clean_cache["resid_pre"][layer][:, position])
+    stream = ResidualStream(resid, {}, residual=model.cfg.residual)
+    for index in range(layer, model.cfg.n_layers):
+        stream = model.layer(index)(stream, model.rope(clean.shape[1]))
+    return model.unembed(stream.read())[0]
+
+
+@pytest.mark.parametrize("arch", [{}, {"norm_placement": "post"}, {"residual": False}, {"attn_only": True}])
+def test_patching_the_whole_clean_stream_at_layer_0_gives_the_clean_logits(arch):
+    model, clean, corrupted, clean_logits = _pair(**arch)
+    patched = P.run_patched(model, clean, corrupted, layer=0)
+    assert max_rel_err(patched, clean_logits) <= roundoff_tolerance(model.cfg)
+    assert max_rel_err(model(corrupted), clean_logits) > 1e-2
+
+
+@pytest.mark.parametrize("arch", [{}, {"norm_placement": "post", "positions": "rotary"}, {"residual": False}])
+def test_each_grid_cell_equals_the_patch_done_by_hand(arch):
+    model, clean, corrupted, _ = _pair(**arch)
+    answer, wrong = clean[:, -1], corrupted[:, -1]
+    result = P.patch_resid(model, clean, corrupted, answer, wrong)
+    seq = clean.shape[1]
+    assert result.logit_diff.shape == (model.cfg.n_layers, seq)
+    for layer, position in [(0, 3), (1, seq - 1), (2, 0), (2, 7)]:
+        logits = _patched_by_hand(model, clean, corrupted, layer, position)
+        expected = jnp.mean(logits[jnp.arange(2), -1, answer] - logits[jnp.arange(2), -1, wrong])
+        assert abs(float(result.logit_diff[layer, position]) - float(expected)) < 1e-5
+    np.testing.assert_allclose(result.clean_diff, P._logit_diff(model(clean), answer, wrong), rtol=1e-5)
+    np.testing.assert_allclose(result.corrupted_diff, P._logit_diff(model(corrupted), answer, wrong), rtol=1e-5)
+
+
+def test_recovered_is_one_where_the_patch_restores_everything():
+    """Prompts that differ only in their last token: patching that position at layer 0 restores the
+    clean run entirely (recovered = 1); patching any other position changes nothing (0)."""
+    model, clean, _, _ = _pair()
+    corrupted = clean.at[:, -1].set((clean[:, -1] + 1) % model.cfg.vocab_size)
+    result = P.patch_resid(model, clean, corrupted, clean[:, -1], corrupted[:, -1])
+    assert abs(float(result.recovered[0, -1]) - 1.0) < 1e-4
+    np.testing.assert_allclose(result.recovered[:, :-1], 0.0, atol=1e-4)
+
+
+def test_patching_refuses_mismatched_prompts_and_bad_answers():
+    model, clean, corrupted, _ = _pair()
+    with pytest.raises(AblationError, match=r"shape \(2, 12\) and corrupted tokens \(2, 11\)"):
+        P.patch_resid(model, clean, corrupted[:, 1:], 0, 1)
+    with pytest.raises(AblationError, match=r"answer_tokens must be token ids in \[0, 61\)"):
+        P.patch_resid(model, clean, corrupted, 99, 1)
+    with pytest.raises(AblationError, match=r"entering layers 0\.\.2"):
+        P.run_patched(model, clean, corrupted, layer=3)
+    with pytest.raises(AblationError, match=r"positions 0\.\.11"):
+        P.run_patched(model, clean, corrupted, layer=0, positions=[12])
