@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,26 @@ def test_train_command_with_overrides_then_sample(tmp_path):
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("import ")
+
+    out = tmp_path / "ablation"
+    study = run(
+        "ablate", "--checkpoint", str(tmp_path / "run"), "--method", "mean", "--batch_size", "4", "--seq", "32",
+        "--mean_batches", "2", "--deletion", "--draws", "2", "--patch", "--clean", "ab = a", "--corrupted", "ab = b",
+        "--answer", "b", "--wrong", "a", "--out", str(out), module=True,
+    )  # fmt: skip
+    assert study.returncode == 0, study.stderr
+    assert "mean ablation, baseline loss" in study.stdout and "layer deletion" in study.stdout
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["component"] for r in sweep["rows"]] == ["0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    assert len((out / "sweep.csv").read_text().splitlines()) == 5
+    deletion = json.loads((out / "deletion_run.json").read_text())
+    assert [r["k"] for r in deletion["rows"]] == [0, 1, 1, 2]
+    patching = json.loads((out / "patching.json").read_text())
+    assert len(patching["rows"]) == 2 * len("ab = a")
+    for picture in ("sweep.png", "deletion.png", "patching.png"):
+        assert (out / picture).read_bytes()[:4] == b"\x89PNG"
+    unknown = run("ablate", "--checkpoint", str(tmp_path / "run"), "--granularity", "neurons", module=True)
+    assert unknown.returncode != 0 and "invalid choice: 'neurons'" in unknown.stderr
 
 
 def test_bad_config_and_overrides_are_reported(tmp_path):
