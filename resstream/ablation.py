@@ -421,7 +421,8 @@ def ablation_sweep(
 # ------------------------------------------------------------------------------ deletion curves
 @struct.dataclass
 class DeletionCurve:
-    """ks [n_k]; deleted: per draw, the layers removed; k [n_draws]; loss [n_draws]; baseline."""
+    """deleted: per draw, the layers removed; loss [n_draws]: the loss of each draw; baseline: the
+    loss with nothing deleted. `k`, `ks` and `by_k()` group the draws by how many layers they removed."""
 
     deleted: tuple[tuple[int, ...], ...] = struct.field(pytree_node=False)
     loss: jax.Array

@@ -145,16 +145,10 @@ def sample_main(argv: list[str]) -> None:
 
 def _validation_batches(config: ConfigDict, seq: int, batch_size: int, n_batches: int) -> list[Any]:
     """The run's own validation split, as [batch, seq] token arrays."""
-    from resstream.data import eval_batches, tokenized_corpus
+    from resstream.data import eval_batches
+    from resstream.loop import split_tokens
 
-    data = config.data
-    tokens = tokenized_corpus(
-        data.source,
-        "validation",
-        data.cache_dir,
-        text_column=data.text_column,
-        validation_fraction=data.validation_fraction,
-    )
+    tokens = split_tokens(config, "validation")
     return [b[:, :seq] for b in eval_batches(tokens, seq, batch_size, n_batches)]
 
 
@@ -179,8 +173,8 @@ def ablate_main(argv: list[str]) -> None:
     add("--draws", type=int, default=16, help="random draws of layers per k")
     add("--compare", metavar="RUN_DIR", help="a second run whose deletion curve is drawn alongside")
     add("--patch", action="store_true", help="also patch --clean into --corrupted at every (layer, position)")
-    add("--clean", default="def f(x):\n    return x")
-    add("--corrupted", default="def f(y):\n    return y")
+    add("--clean", default="def f(x):\n    return ")
+    add("--corrupted", default="def f(y):\n    return ")
     add("--answer", default="x", help="the clean prompt's next token (one byte)")
     add("--wrong", default="y", help="the corrupted prompt's next token (one byte)")
     add("--out", default=None, help="output directory (default: RUN_DIR/ablation)")

@@ -57,6 +57,14 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
+def split_tokens(config: Any, split: str) -> np.ndarray:
+    """The tokenized "train" or "validation" split of the run's data (cached; see data.py)."""
+    data = config.data
+    return tokenized_corpus(
+        data.source, split, data.cache_dir, text_column=data.text_column, validation_fraction=data.validation_fraction
+    )
+
+
 def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) per `config` (see configs/default.py); returns a summary."""
     run_dir = Path(run_dir)
@@ -64,16 +72,7 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     cfg, opt_cfg, tc = model_config(config), optimizer_config(config), config.train
     seq_len = cfg.n_ctx
     data = config.data
-    train_tokens = tokenized_corpus(
-        data.source, "train", data.cache_dir, text_column=data.text_column, validation_fraction=data.validation_fraction
-    )
-    val_tokens = tokenized_corpus(
-        data.source,
-        "validation",
-        data.cache_dir,
-        text_column=data.text_column,
-        validation_fraction=data.validation_fraction,
-    )
+    train_tokens, val_tokens = split_tokens(config, "train"), split_tokens(config, "validation")
     sampler = Sampler(train_tokens, seq_len, tc.batch_size, tc.seed, name=f"the train split of {data.source}")
     val_batches = [jnp.asarray(b) for b in eval_batches(val_tokens, seq_len, tc.batch_size, tc.eval_batches)]
 

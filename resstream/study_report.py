@@ -60,14 +60,14 @@ def plot_deletion(curves: dict[str, DeletionCurve], path: Path) -> None:
         ks = np.array(list(by_k))
         base = float(curve.baseline)
         means = [np.mean(v) - base for v in by_k.values()]
-        (line,) = ax.plot(ks, means, marker="o", label=f"{name} (baseline {base:.2f})")
+        (line,) = ax.plot(ks, means, marker="o", label=f"{name}: mean of draws (baseline {base:.2f} nats)")
         for k, losses in by_k.items():
             jitter = rng.uniform(-0.12, 0.12, len(losses))
             ax.scatter(k + jitter, losses - base, s=8, alpha=0.4, color=line.get_color())
     ax.set_xlabel("layers deleted")
     ax.set_ylabel("loss change (nats)")
-    ax.set_title("layer deletion")
-    ax.legend()
+    ax.set_title("layer deletion (dots: single draws)")
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
