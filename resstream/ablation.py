@@ -234,6 +234,16 @@ class AblationResult:
     logits: jax.Array
 
 
+def _checked_tokens(model: Transformer, tokens: Any) -> jax.Array:
+    tokens = check_tokens(tokens, model.cfg)
+    if tokens.shape[1] < 2:
+        raise AblationError(
+            f"tokens have shape {tuple(tokens.shape)}: ablations are measured by the next-token loss, which needs "
+            "sequences of at least 2 tokens"
+        )
+    return tokens
+
+
 def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Mean loss of predicting tokens[:, 1:] from logits[:, :-1]."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -262,7 +272,7 @@ def ablate(
 
     `reference`: for "mean", the tokens the means are taken over (default: `tokens`) or a
     `Replacement` from `mean_writes`; for "resample", a batch of tokens shaped like `tokens`."""
-    tokens = check_tokens(tokens, model.cfg)
+    tokens = _checked_tokens(model, tokens)
     ablation = components if isinstance(components, Ablation) else make_ablation(model.cfg, components, method)
     replacement = replacement_for(model, tokens, method, reference)
     graphdef, state = nnx.split(model)
@@ -396,7 +406,7 @@ def ablation_sweep(
     the direct effect of each component alongside (`direct=False` skips it: one unembedding per
     component less). `chunk_size`: ablations evaluated at once (default: `auto_chunk`)."""
     cfg = model.cfg
-    tokens = check_tokens(tokens, cfg)
+    tokens = _checked_tokens(model, tokens)
     labels = tuple(components) if components is not None else tuple(component_labels(cfg, granularity))
     if not labels:
         raise AblationError("nothing to sweep: give at least one component")
@@ -485,8 +495,10 @@ def deletion_curve(
     """Delete k randomly chosen layers (`draws` draws per k; default k = 0..n_layers) and record the
     loss of each draw: the experiment behind "residual networks survive the removal of layers"."""
     cfg = model.cfg
-    tokens = check_tokens(tokens, cfg)
+    tokens = _checked_tokens(model, tokens)
     subsets = deletion_subsets(cfg.n_layers, range(cfg.n_layers + 1) if ks is None else ks, draws, seed)
+    if not subsets:
+        raise AblationError(f"no deletions to run: give ks between 0 and {cfg.n_layers} and draws >= 1")
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])
     chunk = chunk_size or auto_chunk(model, *tokens.shape, len(subsets))
     graphdef, state = nnx.split(model)

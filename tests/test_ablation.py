@@ -196,6 +196,18 @@ def test_bad_components_and_replacements_are_refused_with_the_valid_choices():
     bad = A.zero_replacement(model.cfg).replace(attn_out=jnp.zeros((3, 5, 12, 32)))
     with pytest.raises(A.AblationError, match=r"attn_out has shape \(3, 5, 12, 32\).*\[3, 1 or 2, 1 or 12, 32\]"):
         A.ablate(model, tokens, ["L0"], reference=bad)
+    with pytest.raises(A.AblationError, match="at least 2 tokens"):
+        A.ablation_sweep(model, tokens[:, :1])
+    with pytest.raises(A.AblationError, match="no deletions to run"):
+        A.deletion_curve(model, tokens, ks=[])
     attn_only, attn_tokens, _, _ = built(attn_only=True)
     with pytest.raises(A.AblationError, match="attention-only model has no MLP"):
         A.ablate(attn_only, attn_tokens, ["0_mlp_out"])
+
+
+def test_a_bfloat16_model_sweeps_like_its_single_ablations():
+    model, tokens, _, _ = built(dtype="bfloat16")
+    table = A.ablation_sweep(model, tokens, "sublayers", method="mean")
+    single = [float(A.ablate(model, tokens, [c], method="mean").loss) for c in table.labels]
+    assert np.all(np.isfinite(table.direct))
+    assert max_rel_err(table.loss, single) < 1e-2  # bfloat16 activations, fused differently
