@@ -1,0 +1,120 @@
+"""Sharding over a device mesh: data parallel, fully sharded parameters (FSDP), tensor parallel.
+
+The mesh has three named axes, sized from the config (`MeshConfig(data=-1, fsdp=1, tensor=1)`:
+-1 takes the devices left over):
+- "data": the batch is split over it; parameters are replicated.
+- "fsdp": the batch is split over it too, and so are parameters and optimizer state (ZeRO-3): each
+  array is split on its largest axis that divides evenly (never the stacked layer axis, which the
+  scan slices); XLA gathers a layer's weights where they are used.
+- "tensor": attention heads (W_Q, W_K, W_V, W_O and their biases) and the MLP's hidden axis
+  (W_in, W_gate, W_out) are split over it (Megatron-style); the batch is not.
+
+Everything is `NamedSharding`s on the state's own pytree, chosen by parameter name, so the same
+train step runs on one device or many: `jax.jit` with these shardings lets XLA's SPMD partitioner
+insert the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resstream.config import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = P(("data", "fsdp"))  # [batch, ...] split over data and fsdp
+
+# Tensor-parallel axis of each parameter (counted with the leading layer axis of block parameters).
+TENSOR_AXIS = {"W_Q": 1, "W_K": 1, "W_V": 1, "b_Q": 1, "b_K": 1, "b_V": 1, "W_O": 1,
+               "W_in": 2, "W_gate": 2, "b_in": 1, "b_gate": 1, "W_out": 1}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all, across every process)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [config.data, config.fsdp, config.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh sizes {dict(zip(AXES, sizes, strict=True))}: give positive sizes, at most one -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ConfigError(f"mesh: {len(devices)} devices do not split into fsdp x tensor = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ConfigError(
+            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, but there are "
+            f"{len(devices)}: make data x fsdp x tensor equal the device count (use -1 for one axis)"
+        )
+    return Mesh(np.array(devices).reshape(sizes), AXES)
+
+
+def _name(path: tuple) -> str:
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return names[-1] if names else ""
+
+
+def _in_blocks(path: tuple) -> bool:
+    return any(isinstance(k, jax.tree_util.DictKey) and str(k.key) == "blocks" for k in path)
+
+
+def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of one parameter (or optimizer-state leaf shaped like it), by name."""
+    spec: list[Any] = [None] * len(shape)
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    name = _name(path)
+    if tensor > 1 and name in TENSOR_AXIS and _in_blocks(path) and len(shape) > TENSOR_AXIS[name]:
+        axis = TENSOR_AXIS[name]
+        if shape[axis] % tensor:
+            raise ConfigError(f"tensor parallelism over {tensor} devices: {name} axis {axis} has size {shape[axis]}")
+        spec[axis] = "tensor"
+    if fsdp > 1:
+        first = 1 if _in_blocks(path) else 0  # never the stacked layer axis
+        free = [a for a in range(first, len(shape)) if spec[a] is None and shape[a] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda a: shape[a])] = "fsdp"
+    return P(*spec)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree of parameters or a TrainState (optimizer moments follow their
+    parameters, by name; scalars are replicated)."""
+
+    def one(path: tuple, leaf: Any) -> NamedSharding:
+        shape = np.shape(leaf)
+        return NamedSharding(mesh, param_spec(path, shape, mesh) if shape else P())
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard(tree: Any, shardings: Any) -> Any:
+    return jax.device_put(tree, shardings)
+
+
+def sharded_train_step(mesh: Mesh, state_sharding: Any, graphdef: Any, optimizer: Any, telemetry: bool = True):
+    """The train step (`resstream.train.train_step`) compiled for `mesh`: the state stays sharded
+    as `state_sharding`, the batch [accum, batch, seq + 1] is split on its batch axis. Keep the
+    returned function: it compiles on its first call."""
+    from resstream.train import train_step
+
+    step = functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=telemetry)
+    batch = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
