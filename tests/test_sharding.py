@@ -8,12 +8,27 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
+from resstream.checkpoint import Checkpoints
 from resstream.config import ConfigError
+from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
 
 HERE = Path(__file__).resolve().parent
+EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def _eight_devices(script: str, *args: str) -> dict:
+    """Run tests/`script` in a process with 8 CPU devices; its last stdout line is JSON."""
+    result = subprocess.run(
+        [sys.executable, str(HERE / script), *args], capture_output=True, text=True, env=EIGHT_DEVICES, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_sharded_train_steps_equal_the_single_device_steps():
@@ -46,3 +61,28 @@ def test_mesh_sizes_must_match_the_devices():
         S.make_mesh(S.MeshConfig(data=-1, fsdp=3), devices)
     with pytest.raises(ConfigError, match="at most one -1"):
         S.make_mesh(S.MeshConfig(data=-1, fsdp=-1), devices)
+
+
+def test_checkpoints_move_between_8_devices_and_1(tmp_path):
+    """Written under an 8-device FSDP mesh, restored onto 1 device bit for bit; and the other way."""
+    config = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
+    saved = _eight_devices("sharded_checkpoint.py", "save", str(tmp_path))
+    assert saved["W_Q"] == "P(None, None, 'fsdp', None)"
+
+    graphdef, state = init_state(Transformer(config, rngs=nnx.Rngs(0)), optimizer, 0)
+    restored, _ = Checkpoints(tmp_path / "from8").restore(state, config)
+    expected = np.load(tmp_path / "from8.npz")
+    flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    assert sorted(flat) == sorted(expected.files)
+    for key, value in flat.items():
+        assert np.array_equal(np.asarray(value), expected[key]), key
+        assert len(value.devices()) == 1
+
+    for batch in jax.random.randint(jax.random.key(2), (2, 1, 8, 17), 0, 61):
+        state, _ = train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+    Checkpoints(tmp_path / "from1").save(2, state, {"model_config": config.to_dict()})
+    np.savez(tmp_path / "from1.npz", **{jax.tree_util.keystr(p): np.asarray(x)
+                                         for p, x in jax.tree_util.tree_flatten_with_path(state)[0]})  # fmt: skip
+    back = _eight_devices("sharded_checkpoint.py", "restore", str(tmp_path))
+    assert back == {"equal": True, "W_Q": "P(None, None, 'fsdp', None)", "devices": 8}
