@@ -86,3 +86,35 @@ def test_checkpoints_move_between_8_devices_and_1(tmp_path):
                                          for p, x in jax.tree_util.tree_flatten_with_path(state)[0]})  # fmt: skip
     back = _eight_devices("sharded_checkpoint.py", "restore", str(tmp_path))
     assert back == {"equal": True, "W_Q": "P(None, None, 'fsdp', None)", "devices": 8}
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two real processes (jax.distributed over loopback, one CPU device each, each feeding half of
+    every batch) take the same data-parallel steps as one process with the whole batch."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen([sys.executable, str(HERE / "two_processes.py"), port, str(i)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads(outputs[0][0].strip().splitlines()[-1])
+
+    config = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
+    graphdef, state = init_state(Transformer(config, rngs=nnx.Rngs(0)), optimizer, 0)
+    losses = []
+    for batch in jax.random.randint(jax.random.key(1), (3, 1, 8, 17), 0, 61):
+        state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    for path, value in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        expected = float(np.sum(np.abs(np.asarray(value, np.float64))))
+        assert abs(result["checksum"][jax.tree_util.keystr(path)] - expected) <= 1e-5 * max(expected, 1.0), path

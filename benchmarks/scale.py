@@ -1,0 +1,118 @@
+"""Scale benchmark: the train step's compiled memory under each rematerialisation policy, and on an
+accelerator, tokens/s and model FLOPs utilisation (MFU).
+
+    python benchmarks/scale.py [--batch 8] [--dtype bfloat16] [--steps 10]
+
+1. Memory (any platform; nothing is allocated: the step is lowered from abstract shapes and
+   compiled, and XLA's `memory_analysis()` reports the buffers it planned). At 12 layers, d_model
+   768, 12 heads, context 1024 (vocab 256, bytes), for remat "none", "dots" and "full": the
+   temporary (activation) bytes, argument and output bytes, and each policy's temporaries as a
+   ratio of "none"'s. Expected order: none > dots > full.
+2. Throughput (only when the default backend is a GPU or TPU): the same model in `--dtype` compute
+   with float32 parameters and optimizer state, tokens/s and MFU against the device's peak from
+   PEAK_FLOPS (dense bf16). FLOPs per token as in benchmarks/train_throughput.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from train_throughput import flops_per_token
+
+from resstream import ModelConfig, Transformer
+from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+def config(remat: str, dtype: str) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=256,
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        n_ctx=1024,
+        remat=remat,
+        dtype=dtype,
+        param_dtype="float32",
+    )
+
+
+def compiled_memory(remat: str, batch: int, dtype: str) -> dict[str, float]:
+    cfg = config(remat, dtype)
+    optimizer = make_optimizer(OptimizerConfig(total_steps=10_000))
+    graphdef, state = nnx.eval_shape(lambda: init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0))
+    tokens = jax.ShapeDtypeStruct((1, batch, cfg.n_ctx + 1), jnp.int32)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, tokens, graphdef=graphdef, optimizer=optimizer, telemetry=False).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    return {
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "compile_s": seconds,
+    }
+
+
+def throughput(remat: str, batch: int, dtype: str, steps: int) -> dict[str, float]:
+    cfg = config(remat, dtype)
+    optimizer = make_optimizer(OptimizerConfig(total_steps=10_000))
+    graphdef, state = init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0)
+    tokens = jax.random.randint(jax.random.key(0), (1, batch, cfg.n_ctx + 1), 0, cfg.vocab_size)
+    times = []
+    for i in range(steps + 2):  # the first two (compile, warm-up) not counted
+        start = time.perf_counter()
+        state, metrics = train_step(state, tokens, graphdef=graphdef, optimizer=optimizer, telemetry=False)
+        jax.block_until_ready(metrics["loss"])
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    per_second = batch * cfg.n_ctx / step
+    return {"step_ms": 1e3 * step, "tokens_per_s": per_second, "flops": flops_per_token(cfg, cfg.n_ctx) * per_second}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__} on {device.device_kind} ({jax.default_backend()})")
+    print(f"12 layers x d_model 768 x 12 heads, context 1024, batch {args.batch}, compute {args.dtype}")
+    print(f"{'remat':6} {'temporaries':>12} {'vs none':>8} {'arguments':>10} {'outputs':>9} {'compile':>8}")
+    memory = {remat: compiled_memory(remat, args.batch, args.dtype) for remat in ("none", "dots", "full")}
+    for remat, m in memory.items():
+        print(
+            f"{remat:6} {m['temp_bytes'] / 2**30:10.2f}GiB {m['temp_bytes'] / memory['none']['temp_bytes']:8.3f} "
+            f"{m['argument_bytes'] / 2**30:8.2f}GiB {m['output_bytes'] / 2**30:7.2f}GiB {m['compile_s']:7.1f}s"
+        )
+    if jax.default_backend() == "cpu":
+        print("no accelerator: tokens/s and MFU are measured only on a GPU or TPU")
+        return
+    peak = PEAK_FLOPS.get(device.device_kind)
+    for remat in ("none", "dots", "full"):
+        r = throughput(remat, args.batch, args.dtype, args.steps)
+        mfu = f"{r['flops'] / peak:.1%}" if peak else f"(no peak known for {device.device_kind!r})"
+        print(f"{remat:6} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10.0f} tokens/s  MFU {mfu}")
+
+
+if __name__ == "__main__":
+    main()
