@@ -25,6 +25,11 @@ def base_config() -> ConfigDict:
     return ConfigDict(
         {
             "run_dir": "runs/default",
+            # devices: data x fsdp x tensor (-1: the rest); see resstream/sharding.py
+            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            # join a multi-host job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+            # JAX_PROCESS_ID in the environment) with jax.distributed.initialize before anything else
+            "distributed": False,
             "model": model,
             "optimizer": {
                 "learning_rate": 1e-3,
@@ -83,6 +88,8 @@ def train_main() -> None:
         from resstream.loop import DivergenceError, run
 
         config = config_flag.value
+        if config.distributed:
+            _join_hosts()
         try:
             summary = run(config, run_dir_flag.value or config.run_dir)
         except (ConfigError, DataError, CheckpointError, DivergenceError) as err:
@@ -91,6 +98,24 @@ def train_main() -> None:
         print(json.dumps(summary, indent=2))
 
     app.run(main)
+
+
+def _join_hosts() -> None:
+    """jax.distributed.initialize from the environment: explicit JAX_* variables when set, else
+    JAX's own detection (TPU pods, SLURM, Open MPI)."""
+    import os
+
+    import jax
+
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
 
 
 def load_run(run_dir: str | Path) -> tuple[ConfigDict, Any]:

@@ -264,13 +264,16 @@ class Sampler:
             self._order_epoch = epoch
         return self._order
 
-    def next_batch(self) -> np.ndarray:
+    def next_batch(self, rows: slice | None = None) -> np.ndarray:
+        """The next batch [batch, seq_len + 1]; `rows` (one host's share of a batch split over
+        many hosts) reads only those rows, while the position advances by the whole batch."""
         starts = []
         for _ in range(self.batch_size):
             if self.state.index == self.n_windows:
                 self.state = SamplerState(self.state.epoch + 1, 0)
             starts.append(self._order_for(self.state.epoch)[self.state.index] * self.seq_len)
             self.state = SamplerState(self.state.epoch, self.state.index + 1)
+        starts = starts if rows is None else starts[rows]
         return np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1]) for s in starts]).astype(np.int32)
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -19,12 +20,13 @@ from tqdm import tqdm
 
 from resstream import analysis
 from resstream.checkpoint import Checkpoints
-from resstream.config import ModelConfig
+from resstream.config import ConfigError, ModelConfig
 from resstream.data import ByteTokenizer, Sampler, SamplerState, eval_batches, tokenized_corpus
 from resstream.model import Transformer
 from resstream.sampling import generate
+from resstream.sharding import MeshConfig, make_mesh, shard, sharded_train_step, state_shardings
 from resstream.telemetry import MetricsLog, plot_run
-from resstream.train import OptimizerConfig, eval_loss, init_state, learning_rate_schedule, make_optimizer, train_step
+from resstream.train import OptimizerConfig, eval_loss, init_state, learning_rate_schedule, make_optimizer
 
 
 class DivergenceError(RuntimeError):
@@ -74,13 +76,20 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     data = config.data
     train_tokens, val_tokens = split_tokens(config, "train"), split_tokens(config, "validation")
     sampler = Sampler(train_tokens, seq_len, tc.batch_size, tc.seed, name=f"the train split of {data.source}")
-    val_batches = [jnp.asarray(b) for b in eval_batches(val_tokens, seq_len, tc.batch_size, tc.eval_batches)]
+    mesh = make_mesh(MeshConfig(**config.mesh))
+    rows, to_global = _batch_split(mesh, tc.batch_size)
+    val_batches = [to_global(b[rows]) for b in eval_batches(val_tokens, seq_len, tc.batch_size, tc.eval_batches)]
 
     optimizer = make_optimizer(opt_cfg)
     graphdef, state = init_state(Transformer(cfg, rngs=nnx.Rngs(tc.seed)), optimizer, tc.seed)
+    shardings = state_shardings(state, mesh)
+    state = shard(state, shardings)  # before a restore, so that it restores onto the mesh
+    step_fn = sharded_train_step(mesh, shardings, graphdef, optimizer, tc.telemetry)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep_last=tc.keep_last)
-    log = MetricsLog(run_dir, tensorboard=tc.tensorboard)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    lead = jax.process_index() == 0  # one host writes logs and reports; all write checkpoints
+    log = MetricsLog(run_dir, tensorboard=tc.tensorboard) if lead else _NoLog()
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(state, cfg)
@@ -110,12 +119,10 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     with _StopOnSignal() as stop:
         timer = time.perf_counter()
         for step in progress:
-            batch = np.stack([sampler.next_batch() for _ in range(tc.grad_accum)])
-            if step == tc.debug_nan_step:  # a corrupt batch: an out-of-vocabulary id gives NaN under jit
-                batch[0, 0, 0] = cfg.vocab_size
-            state, metrics = train_step(
-                state, jnp.asarray(batch), graphdef=graphdef, optimizer=optimizer, telemetry=tc.telemetry
-            )
+            batch = np.stack([sampler.next_batch(rows) for _ in range(tc.grad_accum)])
+            if step == tc.debug_nan_step and rows.start == 0:  # a corrupt batch: an out-of-vocabulary id
+                batch[0, 0, 0] = cfg.vocab_size  # gives NaN under jit
+            state, metrics = step_fn(state, to_global(batch, accum=True))
             if not bool(metrics["finite"]):
                 _diverged(step + 1, metrics, run_dir)
             done = step + 1
@@ -145,10 +152,48 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     log.close()
     checkpoints.close()
     summary = {"status": status, "step": int(state.step), "val_loss": val}
-    if status == "completed":
+    if status == "completed" and jax.process_count() == 1:  # samples and report: single-host runs
         summary.update(_finish(config, cfg, graphdef, state, val_batches, run_dir, val))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _NoLog:
+    """The metrics log of a host that does not write one."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _batch_split(mesh: Any, batch_size: int) -> tuple[slice, Any]:
+    """This host's rows of every batch, and the function that assembles the hosts' rows
+    ([batch_rows, ...] or, with accum=True, [accum, batch_rows, ...]) into one global array split
+    over the mesh's data and fsdp axes."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways or batch_size % jax.process_count():
+        raise ConfigError(
+            f"train.batch_size={batch_size} does not split evenly over data x fsdp = {ways} devices and "
+            f"{jax.process_count()} hosts: use a multiple of {math.lcm(ways, jax.process_count())}"
+        )
+    per_host = batch_size // jax.process_count()
+    rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+    def to_global(local: np.ndarray, accum: bool = False) -> jax.Array:
+        spec = P(None, ("data", "fsdp")) if accum else P(("data", "fsdp"))
+        shape = (*local.shape[:1], batch_size, *local.shape[2:]) if accum else (batch_size, *local.shape[1:])
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+
+    return rows, to_global
 
 
 def _diverged(step: int, metrics: dict, run_dir: Path) -> None:

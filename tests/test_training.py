@@ -199,3 +199,26 @@ def test_incompatible_and_corrupt_checkpoints_are_refused(corpus_slice, tmp_path
             file.write_bytes(b"\0" * 64)
     with pytest.raises(CheckpointError, match="could not be restored"):
         run(tiny_config(corpus_slice, tmp_path, steps=20), tmp_path / "run")
+
+
+def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, tmp_path):
+    """train.py under data x fsdp x tensor = 2 x 2 x 2 on 8 CPU devices logs the losses of the same
+    run on one device."""
+    overrides = _overrides(corpus_slice, tmp_path, steps=12, checkpoint_every=6)
+    single = _train_process(overrides, tmp_path / "one")
+    assert single.wait(timeout=300) == 0, single.stderr.read()[-3000:]
+    mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'eight'}"]
+    eight = subprocess.run(
+        [*command, *overrides, *mesh], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    one, many = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert [s for s, _ in many] == list(range(1, 13))
+    np.testing.assert_allclose([x for _, x in many], [x for _, x in one], rtol=1e-5)
+    bad = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'bad'}", *overrides,
+         "--config.mesh.data=3"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices" in bad.stderr
