@@ -28,11 +28,15 @@ def test_ablating_nothing_returns_the_baseline_loss_exactly(sampled_arch):
     result = A.ablate(model, tokens, [])
     assert result.loss == baseline  # bit for bit: an all-False mask selects every original value
     assert jnp.array_equal(result.logits, model(tokens))
+
+
+def test_a_sweeps_baseline_is_the_unablated_loss():
+    model, tokens, _, _ = built(norm_placement="post")
     table = A.ablation_sweep(model, tokens, "layers", direct=False)
-    assert table.baseline == baseline
+    assert table.baseline == A.next_token_loss(model(tokens), tokens)
 
 
-@pytest.mark.parametrize("arch", sample(), ids=grid_id)
+@pytest.mark.parametrize("arch", sample()[1::3], ids=grid_id)  # 5 configs: every value of every axis
 def test_zero_ablation_equals_the_write_removed_by_hand(arch):
     """Independent float64 numpy forward with the write replaced by zero (or left out)."""
     model, tokens, _, _ = built(**arch)
@@ -56,7 +60,7 @@ def test_deleting_a_layer_of_a_pre_ln_residual_model_is_zeroing_its_writes():
 
 
 @pytest.mark.parametrize("granularity", ["layers", "sublayers", "heads"])
-@pytest.mark.parametrize("arch", sample()[::2], ids=grid_id)
+@pytest.mark.parametrize("arch", sample()[1::3], ids=grid_id)
 def test_each_row_of_a_sweep_equals_the_single_ablation(arch, granularity):
     model, tokens, _, _ = built(**arch)
     table = A.ablation_sweep(model, tokens, granularity)
