@@ -118,3 +118,13 @@ def test_two_processes_train_like_one(tmp_path):
     for path, value in jax.tree_util.tree_flatten_with_path(state.params)[0]:
         expected = float(np.sum(np.abs(np.asarray(value, np.float64))))
         assert abs(result["checksum"][jax.tree_util.keystr(path)] - expected) <= 1e-5 * max(expected, 1.0), path
+
+
+def test_analysis_sweeps_and_patching_run_on_a_sharded_model():
+    """No code changes: a model whose parameters are sharded over 2 x 2 x 2 devices, fed tokens
+    split over the batch, gives the one-device forward pass, cache, decomposition, logit lens,
+    head-ablation sweep and patching grid."""
+    result = _eight_devices("sharded_analysis.py")
+    assert result.pop("W_Q") == "P(None, 'tensor', 'fsdp', None)"
+    for name, error in result.items():
+        assert error < 1e-5, (name, error)

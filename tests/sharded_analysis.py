@@ -1,0 +1,56 @@
+"""Run by tests/test_sharding.py in a process with 8 CPU devices: the same model with its
+parameters sharded over a data x fsdp x tensor = 2 x 2 x 2 mesh and its tokens split over the
+batch, against the model on one device. Prints, as JSON, the largest relative differences of the
+forward pass, the cache, the decomposition, an ablation sweep and a patching grid."""
+
+import json
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resstream import ModelConfig, Transformer, analysis, patching
+from resstream import ablation as A  # noqa: N812
+from resstream import sharding as S  # noqa: N812
+
+CFG = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
+
+
+def relative(a, b) -> float:
+    a = [np.asarray(x, np.float64) for x in jax.tree.leaves(a)]
+    b = [np.asarray(x, np.float64) for x in jax.tree.leaves(b)]
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True)) / max(
+        float(np.max(np.abs(y))) for y in b
+    )
+
+
+def study(model: Transformer, tokens: jax.Array) -> dict:
+    logits, cache = model.run_with_cache(tokens)
+    corrupted = tokens[:, ::-1]
+    return {
+        "logits": logits,
+        "cache": {k: cache[k] for k in ("attn_out", "mlp_out", "z", "resid_final")},
+        "decompose_logits": analysis.decompose_logits(model, cache).values,
+        "logit_lens": analysis.logit_lens(model, cache).values,
+        "sweep": A.ablation_sweep(model, tokens, "heads").loss,
+        "patching": patching.patch_resid(model, tokens, corrupted, tokens[:, -1], corrupted[:, -1]).logit_diff,
+    }
+
+
+tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, CFG.vocab_size)
+single = Transformer(CFG, rngs=nnx.Rngs(0))
+expected = study(single, tokens)
+
+mesh = S.make_mesh(S.MeshConfig(data=2, fsdp=2, tensor=2))
+sharded = Transformer(CFG, rngs=nnx.Rngs(0))
+params = nnx.state(sharded, nnx.Param)
+nnx.update(sharded, S.shard(params, S.state_shardings(params, mesh)))
+got = study(sharded, jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp")))))
+result = {name: relative(got[name], expected[name]) for name in expected}
+result["W_Q"] = str(sharded.blocks.attn.W_Q[...].sharding.spec)
+print(json.dumps(result))
