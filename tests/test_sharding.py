@@ -90,7 +90,8 @@ def test_checkpoints_move_between_8_devices_and_1(tmp_path):
 
 def test_two_processes_train_like_one(tmp_path):
     """Two real processes (jax.distributed over loopback, one CPU device each, each feeding half of
-    every batch) take the same data-parallel steps as one process with the whole batch."""
+    every batch) take the same data-parallel steps as one process with the whole batch, and the
+    checkpoint they write together restores in this one-device process."""
     import socket
 
     with socket.socket() as s:  # a free port for the coordinator
@@ -98,7 +99,8 @@ def test_two_processes_train_like_one(tmp_path):
         port = str(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "two_processes.py"), port, str(i)], stdout=subprocess.PIPE,
+        subprocess.Popen([sys.executable, str(HERE / "two_processes.py"), port, str(i), str(tmp_path / "ckpt")],
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]  # fmt: skip
@@ -118,6 +120,11 @@ def test_two_processes_train_like_one(tmp_path):
     for path, value in jax.tree_util.tree_flatten_with_path(state.params)[0]:
         expected = float(np.sum(np.abs(np.asarray(value, np.float64))))
         assert abs(result["checksum"][jax.tree_util.keystr(path)] - expected) <= 1e-5 * max(expected, 1.0), path
+    _, fresh = init_state(Transformer(config, rngs=nnx.Rngs(0)), optimizer, 0)
+    restored, _ = Checkpoints(tmp_path / "ckpt").restore(fresh, config)
+    assert int(restored.step) == 3
+    for path, value in jax.tree_util.tree_flatten_with_path(restored.params)[0]:  # exactly what they held
+        assert float(np.sum(np.abs(np.asarray(value, np.float64)))) == result["checksum"][jax.tree_util.keystr(path)]
 
 
 def test_analysis_sweeps_and_patching_run_on_a_sharded_model():

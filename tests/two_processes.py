@@ -1,8 +1,9 @@
 """Run by tests/test_sharding.py as two processes on this machine, joined by
 `jax.distributed.initialize` over a loopback coordinator (JAX's CPU collectives): the multi-host
-path for real. Usage: two_processes.py PORT PROCESS_ID. Each process holds one CPU device and feeds
-only its half of every batch; the data-parallel train step runs over both. Process 0 prints the
-losses and a parameter checksum as JSON."""
+path for real. Usage: two_processes.py PORT PROCESS_ID CHECKPOINT_DIR. Each process holds one CPU
+device and feeds only its half of every batch; the data-parallel train step runs over both; then
+both write one checkpoint together (orbax's collective save). Process 0 prints the losses and a
+parameter checksum as JSON."""
 
 import json
 import sys
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from resstream import ModelConfig, Transformer  # noqa: E402
 from resstream import sharding as S  # noqa: E402, N812
+from resstream.checkpoint import Checkpoints  # noqa: E402
 from resstream.train import OptimizerConfig, init_state, make_optimizer  # noqa: E402
 
 CFG = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
@@ -46,6 +48,7 @@ for batch in batches:
 params = multihost_utils.process_allgather(state.params, tiled=True)
 checksum = {jax.tree_util.keystr(p): float(np.sum(np.abs(np.asarray(x, np.float64))))
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+Checkpoints(sys.argv[3]).save(STEPS, state, {"model_config": CFG.to_dict()})
 if jax.process_index() == 0:
     print(json.dumps({"losses": losses, "checksum": checksum}))
 jax.distributed.shutdown()
