@@ -38,6 +38,7 @@ from resstream import analysis
 from resstream.config import ModelConfig
 from resstream.model import Cache, Transformer, check_tokens
 from resstream.stream import Ablation, Replacement
+from resstream.train import cross_entropy
 from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
 
 METHODS = ("zero", "mean", "resample", "delete")
@@ -245,9 +246,8 @@ def _checked_tokens(model: Transformer, tokens: Any) -> jax.Array:
 
 
 def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean loss of predicting tokens[:, 1:] from logits[:, :-1]."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    """Mean loss of predicting tokens[:, 1:] from logits[:, :-1] (the training loss)."""
+    return cross_entropy(logits[:, :-1], tokens[:, 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -502,17 +502,8 @@ def deletion_curve(
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])
     chunk = chunk_size or auto_chunk(model, *tokens.shape, len(subsets))
     graphdef, state = nnx.split(model)
-    baseline, losses = _deletions(
-        graphdef, state, tokens, ablation, zero_replacement(cfg), schedule=make_schedule(model, ablation), chunk=chunk
-    )
+    baseline, losses, _ = _sweep(
+        graphdef, state, tokens, ablation, zero_replacement(cfg),
+        schedule=make_schedule(model, ablation), labels=(), chunk=chunk, direct=False,
+    )  # fmt: skip
     return DeletionCurve(tuple(subsets), losses, baseline)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "chunk"))
-def _deletions(graphdef, state, tokens, ablation, replacement, *, schedule: Schedule, chunk: int):
-    model = nnx.merge(graphdef, state)
-    logits, cache = model._trace(tokens, mode="full", record=("resid_pre", "resid_mid"), rng=None)
-    losses = run_lanes(
-        model, cache, ablation, replacement, schedule, lambda lg: next_token_loss(lg, tokens), chunk_size=chunk
-    )
-    return next_token_loss(logits, tokens), losses

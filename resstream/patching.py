@@ -66,12 +66,11 @@ def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "chunk", "readout"))
-def _patched(graphdef, state, clean, corrupted, positions, args, *, schedule: Schedule, chunk: int, readout):
+def _patched(graphdef, state, clean, corrupted, masks, positions, args, *, schedule: Schedule, chunk: int, readout):
     model = nnx.merge(graphdef, state)
     record = ("resid_pre", "resid_mid")
     clean_logits, clean_cache = model._trace(clean, mode="full", record=record, rng=None)
     corrupted_logits, corrupted_cache = model._trace(corrupted, mode="full", record=record, rng=None)
-    masks = stack([no_ablation(model.cfg)] * schedule.n_jobs)
     out = run_lanes(
         model,
         corrupted_cache,
@@ -93,7 +92,16 @@ def _run(model: Transformer, clean, corrupted, layers: np.ndarray, positions: np
     chunk = chunk_size or auto_chunk(model, *clean.shape, n_jobs)
     graphdef, state = nnx.split(model)
     return _patched(
-        graphdef, state, clean, corrupted, jnp.asarray(positions), args, schedule=schedule, chunk=chunk, readout=readout
+        graphdef,
+        state,
+        clean,
+        corrupted,
+        masks,
+        jnp.asarray(positions),
+        args,
+        schedule=schedule,
+        chunk=chunk,
+        readout=readout,
     )
 
 

@@ -138,7 +138,6 @@ def run_lanes(
     n_sublayers = cfg.n_layers * cfg.sublayers_per_layer
     seq = base["embed"].shape[1]
     rope = model.rope(seq)
-    masks = ablation
 
     def entering(jobs: list[int], k: int) -> jax.Array:
         """Initial streams [len(jobs), batch, seq, d_model] of jobs that start at sublayer k."""
@@ -155,13 +154,7 @@ def run_lanes(
         layer, kind = sublayer_of(model, k)
         block = model.layer(layer)
         ids = np.array(lanes)
-        lane_masks = Ablation(
-            replace_attn=masks.replace_attn[ids, layer],
-            replace_mlp=masks.replace_mlp[ids, layer],
-            replace_heads=masks.replace_heads[ids, layer],
-            skip_attn=masks.skip_attn[ids, layer],
-            skip_mlp=masks.skip_mlp[ids, layer],
-        )
+        lane_masks = jax.tree.map(lambda m: m[ids, layer], ablation)  # each lane's masks at this layer
         values = jax.tree.map(lambda v: v[layer], replacement)
 
         def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
@@ -175,14 +168,13 @@ def run_lanes(
     streams = None
     for k in range(n_sublayers):
         new = [j for j in order if schedule.starts[j] == k]
-        computed = lanes + [j for j in new if not schedule.cheap[j]]
-        known = [j for j in new if schedule.cheap[j]]
+        fresh = [j for j in new if not schedule.cheap[j]]  # join here and compute this sublayer
+        known = [j for j in new if schedule.cheap[j]]  # join here, this sublayer's output is known
+        computed = lanes + fresh
         parts = []
         if computed:
-            fresh = [j for j in new if not schedule.cheap[j]]
-            x = streams if not fresh else entering(fresh, k)
-            if fresh and streams is not None:
-                x = jnp.concatenate([streams, x])
+            x = [streams] if streams is not None else []
+            x = jnp.concatenate([*x, entering(fresh, k)]) if fresh else streams
             parts.append(apply(k, computed, x, compute=True))
         if known:
             parts.append(apply(k, known, entering(known, k), compute=False))
