@@ -1,7 +1,7 @@
 """Scale benchmark: the train step's compiled memory under each rematerialisation policy, and on an
 accelerator, tokens/s and model FLOPs utilisation (MFU).
 
-    python benchmarks/scale.py [--batch 8] [--dtype bfloat16] [--steps 10]
+    python benchmarks/scale.py [--batch 8 32] [--dtype bfloat16] [--steps 10] [--telemetry]
 
 1. Memory (any platform; nothing is allocated: the step is lowered from abstract shapes and
    compiled, and XLA's `memory_analysis()` reports the buffers it planned). At 12 layers, d_model
@@ -10,7 +10,10 @@ accelerator, tokens/s and model FLOPs utilisation (MFU).
    ratio of "none"'s. Expected order: none > dots > full.
 2. Throughput (only when the default backend is a GPU or TPU): the same model in `--dtype` compute
    with float32 parameters and optimizer state, tokens/s and MFU against the device's peak from
-   PEAK_FLOPS (dense bf16). FLOPs per token as in benchmarks/train_throughput.py.
+   PEAK_FLOPS (dense bf16), for each remat policy and each `--batch`; with `--telemetry` also the
+   step the training loop runs by default (per-layer residual-stream statistics recorded).
+   FLOPs per token as in benchmarks/train_throughput.py (6 x matmul parameters + 12 x layers x
+   seq x d_model for attention, counted without the causal half, the usual MFU convention).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def compiled_memory(remat: str, batch: int, dtype: str) -> dict[str, float]:
     }
 
 
-def throughput(remat: str, batch: int, dtype: str, steps: int) -> dict[str, float]:
+def throughput(remat: str, batch: int, dtype: str, steps: int, telemetry: bool) -> dict[str, float]:
     cfg = config(remat, dtype)
     optimizer = make_optimizer(OptimizerConfig(total_steps=10_000))
     graphdef, state = init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0)
@@ -79,7 +82,7 @@ def throughput(remat: str, batch: int, dtype: str, steps: int) -> dict[str, floa
     times = []
     for i in range(steps + 2):  # the first two (compile, warm-up) not counted
         start = time.perf_counter()
-        state, metrics = train_step(state, tokens, graphdef=graphdef, optimizer=optimizer, telemetry=False)
+        state, metrics = train_step(state, tokens, graphdef=graphdef, optimizer=optimizer, telemetry=telemetry)
         jax.block_until_ready(metrics["loss"])
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -90,15 +93,16 @@ def throughput(remat: str, batch: int, dtype: str, steps: int) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="memory at the first; throughput at each")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--telemetry", action="store_true", help="also time the step with telemetry on")
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind} ({jax.default_backend()})")
-    print(f"12 layers x d_model 768 x 12 heads, context 1024, batch {args.batch}, compute {args.dtype}")
+    print(f"12 layers x d_model 768 x 12 heads, context 1024, batch {args.batch[0]}, compute {args.dtype}")
     print(f"{'remat':6} {'temporaries':>12} {'vs none':>8} {'arguments':>10} {'outputs':>9} {'compile':>8}")
-    memory = {remat: compiled_memory(remat, args.batch, args.dtype) for remat in ("none", "dots", "full")}
+    memory = {remat: compiled_memory(remat, args.batch[0], args.dtype) for remat in ("none", "dots", "full")}
     for remat, m in memory.items():
         print(
             f"{remat:6} {m['temp_bytes'] / 2**30:10.2f}GiB {m['temp_bytes'] / memory['none']['temp_bytes']:8.3f} "
@@ -108,10 +112,16 @@ def main() -> None:
         print("no accelerator: tokens/s and MFU are measured only on a GPU or TPU")
         return
     peak = PEAK_FLOPS.get(device.device_kind)
-    for remat in ("none", "dots", "full"):
-        r = throughput(remat, args.batch, args.dtype, args.steps)
-        mfu = f"{r['flops'] / peak:.1%}" if peak else f"(no peak known for {device.device_kind!r})"
-        print(f"{remat:6} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10.0f} tokens/s  MFU {mfu}")
+    print(f"{'remat':6} {'batch':>5} {'telemetry':>9} {'step':>10} {'tokens/s':>10}  MFU")
+    for batch in args.batch:
+        for remat in ("none", "dots", "full"):
+            for telemetry in (False, True) if args.telemetry else (False,):
+                r = throughput(remat, batch, args.dtype, args.steps, telemetry)
+                mfu = f"{r['flops'] / peak:.1%}" if peak else f"(no peak known for {device.device_kind!r})"
+                print(
+                    f"{remat:6} {batch:5} {telemetry!s:>9} {r['step_ms']:7.1f} ms {r['tokens_per_s']:10.0f}  {mfu}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
