@@ -37,6 +37,7 @@ from flax import nnx, struct
 from resstream import analysis
 from resstream.config import ModelConfig
 from resstream.model import Cache, Transformer, check_tokens
+from resstream.sharding import mesh_context
 from resstream.stream import Ablation, Replacement
 from resstream.train import cross_entropy
 from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
@@ -276,7 +277,8 @@ def ablate(
     ablation = components if isinstance(components, Ablation) else make_ablation(model.cfg, components, method)
     replacement = replacement_for(model, tokens, method, reference)
     graphdef, state = nnx.split(model)
-    return _ablated(graphdef, state, tokens, ablation, replacement)
+    with mesh_context(state):
+        return _ablated(graphdef, state, tokens, ablation, replacement)
 
 
 # ------------------------------------------------------------------------------ sweeps
@@ -414,17 +416,18 @@ def ablation_sweep(
     replacement = replacement_for(model, tokens, method, reference)
     chunk = chunk_size or auto_chunk(model, *tokens.shape, len(labels))
     graphdef, state = nnx.split(model)
-    baseline, losses, direct = _sweep(
-        graphdef,
-        state,
-        tokens,
-        ablation,
-        replacement,
-        schedule=make_schedule(model, ablation),
-        labels=labels,
-        chunk=chunk,
-        direct=direct,
-    )
+    with mesh_context(state):
+        baseline, losses, direct = _sweep(
+            graphdef,
+            state,
+            tokens,
+            ablation,
+            replacement,
+            schedule=make_schedule(model, ablation),
+            labels=labels,
+            chunk=chunk,
+            direct=direct,
+        )
     return SweepTable(labels, method, baseline, losses, direct)
 
 
@@ -502,8 +505,9 @@ def deletion_curve(
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])
     chunk = chunk_size or auto_chunk(model, *tokens.shape, len(subsets))
     graphdef, state = nnx.split(model)
-    baseline, losses, _ = _sweep(
-        graphdef, state, tokens, ablation, zero_replacement(cfg),
-        schedule=make_schedule(model, ablation), labels=(), chunk=chunk, direct=False,
-    )  # fmt: skip
+    with mesh_context(state):
+        baseline, losses, _ = _sweep(
+            graphdef, state, tokens, ablation, zero_replacement(cfg),
+            schedule=make_schedule(model, ablation), labels=(), chunk=chunk, direct=False,
+        )  # fmt: skip
     return DeletionCurve(tuple(subsets), losses, baseline)

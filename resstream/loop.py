@@ -151,7 +151,7 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     progress.close()
     log.close()
     checkpoints.close()
-    summary = {"status": status, "step": int(state.step), "val_loss": val}
+    summary = {"status": status, "step": int(state.step), "val_loss": val, "hosts": jax.process_count()}
     if status == "completed" and jax.process_count() == 1:  # samples and report: single-host runs
         summary.update(_finish(config, cfg, graphdef, state, val_batches, run_dir, val))
     if lead:

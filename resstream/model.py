@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from resstream.config import ModelConfig
+from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
 from resstream.stream import MODES, OPTIONAL_RECORDS, Ablation, Replacement, ResidualStream, token_norm
 
 Cache = dict[str, jax.Array]
@@ -126,10 +127,11 @@ class Attention(nnx.Module):
         `edit_z` (head ablation) changes z before W_O."""
         batch, seq, d_model = x.shape
         dt = self.dtype
-        flat = x.reshape(batch * seq, d_model).astype(dt)
+        flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
 
         def project(w: nnx.Param, b: nnx.Param) -> jax.Array:
             y = jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)) + b[...].astype(dt)
+            y = constrain(y, BATCH_AXES, "tensor", None)  # heads split over the tensor axis
             return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, n_heads, d_head]
 
         q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
@@ -140,11 +142,12 @@ class Attention(nnx.Module):
         # 45 ms for one that normalises the weights, batch 8 x seq 256). The pattern, when recorded,
         # is computed beside it for the record only, so recording it cannot change the logits.
         z = jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(dt)
+        z = constrain(z, BATCH_AXES, None, "tensor", None)
         pattern = _causal_pattern(q, k) if want_pattern else None
         if edit_z is not None:
             z = edit_z(z)
         out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
-        out = out + self.b_O[...].astype(dt)
+        out = constrain(out + self.b_O[...].astype(dt), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), z, pattern
 
 
@@ -176,14 +179,14 @@ class MLP(nnx.Module):
         batch, seq, d_model = x.shape
         dt = self.dtype
         # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
-        flat = x.reshape(batch * seq, d_model).astype(dt)
-        pre = flat @ self.W_in[...].astype(dt) + self.b_in[...].astype(dt)
+        flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
+        pre = constrain(flat @ self.W_in[...].astype(dt) + self.b_in[...].astype(dt), BATCH_AXES, "tensor")
         if self.kind == "swiglu":
-            gate = flat @ self.W_gate[...].astype(dt) + self.b_gate[...].astype(dt)
+            gate = constrain(flat @ self.W_gate[...].astype(dt) + self.b_gate[...].astype(dt), BATCH_AXES, "tensor")
             post = jax.nn.silu(gate) * pre
         else:
             post = jax.nn.gelu(pre, approximate=True)
-        out = post @ self.W_out[...].astype(dt) + self.b_out[...].astype(dt)
+        out = constrain(post @ self.W_out[...].astype(dt) + self.b_out[...].astype(dt), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)
 
 
@@ -359,7 +362,10 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         keys = (None, None) if rng is None else tuple(jax.random.split(rng))
         # mode="fill": an out-of-range id gives NaN, never a silently clamped row.
-        embed = jnp.take(self.W_E[...], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        # The table gathered whole first (as FSDP gathers any weight), then rows taken per sequence.
+        table = constrain(self.W_E[...], None, None)
+        embed = jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        embed = constrain(embed, BATCH_AXES, None, None)
         embed = _dropout(embed.astype(cfg.compute_dtype), cfg.dropout, keys[0])
         stream = ResidualStream(embed, {}, mode=mode, residual=True, optional=record)
         stream = stream.record("embed", embed)
@@ -441,7 +447,8 @@ class Transformer(nnx.Module):
         if (ablation is None) != (replacement is None):
             raise ValueError("an ablation needs its replacement values and vice versa: pass both or neither")
         graphdef, state = nnx.split(self)
-        return _compiled_forward(graphdef, state, tokens, rng, (ablation, replacement), mode=mode, record=record)
+        with mesh_context((state, tokens)):  # a sharded model pins its activations on its mesh
+            return _compiled_forward(graphdef, state, tokens, rng, (ablation, replacement), mode=mode, record=record)
 
     def _trace(
         self,
@@ -471,19 +478,25 @@ class Transformer(nnx.Module):
                 resid=resid, records={}, ablation=layer_ablation, replacement=layer_replacement
             )
             layer_stream = nnx.merge(graphdef, layer_state)(layer_stream, rope, layer_rng, drop_prob)
-            return layer_stream.resid, layer_stream.records
+            return constrain(layer_stream.resid, BATCH_AXES, None, None), layer_stream.records
 
         if cfg.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
             body = jax.checkpoint(body, policy=policy)
-        resid, layer_records = jax.lax.scan(body, stream.resid, per_layer)
+        resid, layer_records = jax.lax.scan(body, constrain(stream.resid, BATCH_AXES, None, None), per_layer)
         logits, final_scale = self.unembed(resid)
+        logits = constrain(logits, BATCH_AXES, None, None)
 
         cache: Cache = {}
         if mode == "full":
             cache = {**stream.records, **layer_records, "resid_final": resid}
             if final_scale is not None:
                 cache["ln_final_scale"] = final_scale
+            # Every record split on its batch axis like the tokens (the rest left to XLA).
+            cache = {
+                name: constrain(x, *((None, BATCH_AXES) if name in LAYER_RECORDS else (BATCH_AXES,)), *[FREE] * x.ndim)
+                for name, x in cache.items()
+            }
         elif mode == "stats":
             cache = dict(layer_records)
         return logits, cache

@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from resstream.ablation import AblationError, no_ablation, stack, zero_replacement
 from resstream.model import Transformer, check_tokens
+from resstream.sharding import mesh_context
 from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
 
 
@@ -91,18 +92,19 @@ def _run(model: Transformer, clean, corrupted, layers: np.ndarray, positions: np
     schedule = make_schedule(model, masks, patch_layers=layers)
     chunk = chunk_size or auto_chunk(model, *clean.shape, n_jobs)
     graphdef, state = nnx.split(model)
-    return _patched(
-        graphdef,
-        state,
-        clean,
-        corrupted,
-        masks,
-        jnp.asarray(positions),
-        args,
-        schedule=schedule,
-        chunk=chunk,
-        readout=readout,
-    )
+    with mesh_context(state):
+        return _patched(
+            graphdef,
+            state,
+            clean,
+            corrupted,
+            masks,
+            jnp.asarray(positions),
+            args,
+            schedule=schedule,
+            chunk=chunk,
+            readout=readout,
+        )
 
 
 def _identity(logits: jax.Array) -> jax.Array:

@@ -12,10 +12,19 @@ The mesh has three named axes, sized from the config (`MeshConfig(data=-1, fsdp=
 Everything is `NamedSharding`s on the state's own pytree, chosen by parameter name, so the same
 train step runs on one device or many: `jax.jit` with these shardings lets XLA's SPMD partitioner
 insert the collectives.
+
+Activations are pinned too (`constrain`, called inside the model): the residual stream, every write
+and every record are split on the batch over data x fsdp, and attention heads and the MLP hidden
+axis over tensor. Without that, XLA's propagation follows the FSDP-split weights and splits
+activations on d_model instead (measured: the cache came back batch-split over data only, d_model
+over fsdp), which is tensor parallelism by accident, not FSDP. The pins apply while a mesh is set
+(`jax.set_mesh`): the sharded train step sets its mesh, and a model whose parameters are sharded
+sets theirs when it is called (`mesh_context`), so analysis needs no code of the user's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -28,7 +37,9 @@ from jax.sharding import PartitionSpec as P
 from resstream.config import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
-BATCH = P(("data", "fsdp"))  # [batch, ...] split over data and fsdp
+BATCH_AXES = ("data", "fsdp")
+BATCH = P(BATCH_AXES)  # [batch, ...] split over data and fsdp
+FREE = P.UNCONSTRAINED  # a dimension left to XLA
 
 # Tensor-parallel axis of each parameter (counted with the leading layer axis of block parameters).
 TENSOR_AXIS = {"W_Q": 1, "W_K": 1, "W_V": 1, "b_Q": 1, "b_K": 1, "b_V": 1, "W_O": 1,
@@ -103,6 +114,40 @@ def shard(tree: Any, shardings: Any) -> Any:
     return jax.device_put(tree, shardings)
 
 
+def constrain(x: jax.Array, *spec: Any) -> jax.Array:
+    """`x` pinned to `PartitionSpec(*spec)` on the mesh that is set (`jax.set_mesh`); unchanged when
+    none is. Mesh axes that the mesh lacks, or whose product does not divide their dimension (a
+    batch of 1 on 2 devices), are dropped, so that any batch runs."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+
+    def fit(names: Any, size: int) -> Any:
+        if names is None or names is FREE:
+            return names
+        names = tuple(n for n in (names if isinstance(names, tuple) else (names,)) if mesh.shape.get(n, 1) > 1)
+        while names and size % int(np.prod([mesh.shape[n] for n in names])):
+            names = names[:-1]
+        return names or None
+
+    return jax.lax.with_sharding_constraint(x, P(*(fit(n, d) for n, d in zip(spec, x.shape, strict=False))))
+
+
+def mesh_context(tree: Any) -> contextlib.AbstractContextManager:
+    """`jax.set_mesh` of the mesh that the arrays in `tree` are sharded over, so that `constrain`
+    applies in what runs under it; a no-op when a mesh is already set, inside a trace, or when the
+    arrays live on one device."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.core.Tracer):
+            break
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return jax.set_mesh(sharding.mesh)
+    return contextlib.nullcontext()
+
+
 def sharded_train_step(mesh: Mesh, state_sharding: Any, graphdef: Any, optimizer: Any, telemetry: bool = True):
     """The train step (`resstream.train.train_step`) compiled for `mesh`: the state stays sharded
     as `state_sharding`, the batch [accum, batch, seq + 1] is split on its batch axis. Keep the
@@ -110,11 +155,17 @@ def sharded_train_step(mesh: Mesh, state_sharding: Any, graphdef: Any, optimizer
     from resstream.train import train_step
 
     step = functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=telemetry)
-    batch = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    batch = NamedSharding(mesh, P(None, BATCH_AXES))
     replicated = NamedSharding(mesh, P())
-    return jax.jit(
+    compiled = jax.jit(
         step,
         in_shardings=(state_sharding, batch),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
+
+    def on_mesh(state: Any, batch: jax.Array) -> tuple[Any, dict]:
+        with jax.set_mesh(mesh):  # traced under the mesh: the model's activation pins apply
+            return compiled(state, batch)
+
+    return on_mesh

@@ -53,4 +53,6 @@ nnx.update(sharded, S.shard(params, S.state_shardings(params, mesh)))
 got = study(sharded, jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp")))))
 result = {name: relative(got[name], expected[name]) for name in expected}
 result["W_Q"] = str(sharded.blocks.attn.W_Q[...].sharding.spec)
+logits, cache = sharded.run_with_cache(jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp")))))
+result["specs"] = {name: str(x.sharding.spec) for name, x in {"logits": logits, **cache}.items()}
 print(json.dumps(result))

@@ -1,4 +1,7 @@
+import functools
+
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -48,6 +51,51 @@ def test_bfloat16_compute_trains_with_float32_state():
         state, metrics = train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
         assert bool(metrics["finite"])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def _equations(jaxpr: jex.core.Jaxpr):
+    """Every equation of `jaxpr`, those inside scans, remats and nested jits included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jex.core.ClosedJaxpr):
+                    yield from _equations(sub.jaxpr)
+                elif isinstance(sub, jex.core.Jaxpr):
+                    yield from _equations(sub)
+
+
+def _traced_step(dtype: str) -> tuple[list, list[tuple[str, ...]]]:
+    """The train step (telemetry on) traced: the dtypes of every value, and of each matmul's operands."""
+    _, optimizer, graphdef, state = _setup(dtype=dtype)
+    step = functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=True)
+    jaxpr = jax.make_jaxpr(step)(state, jnp.zeros((1, 2, 9), jnp.int32)).jaxpr
+    eqns = list(_equations(jaxpr))
+    dtypes = [v.aval.dtype for e in eqns for v in [*e.invars, *e.outvars] if hasattr(getattr(v, "aval", None), "dtype")]
+    matmuls = [tuple(str(v.aval.dtype) for v in e.invars) for e in eqns if e.primitive.name == "dot_general"]
+    return dtypes, matmuls
+
+
+def test_float32_mode_never_rounds_to_bfloat16_and_bfloat16_mode_multiplies_in_it():
+    """dtype="float32" (the all-float32 mode): not one bfloat16 value in the whole train step.
+    dtype="bfloat16": no matmul takes two float32 operands (the only float32 ones are the float32
+    cotangents of the products accumulated in float32: the logits and attention scores)."""
+    dtypes, matmuls = _traced_step("float32")
+    assert jnp.bfloat16 not in dtypes and set(matmuls) == {("float32", "float32")}
+    dtypes, matmuls = _traced_step("bfloat16")
+    assert ("float32", "float32") not in matmuls
+    assert matmuls.count(("bfloat16", "bfloat16")) > len(matmuls) // 2
+
+
+def test_bfloat16_and_float32_compute_give_the_same_loss_to_bfloat16_precision():
+    cfg, optimizer, graphdef, state = _setup(dtype="float32")
+    batch = jax.random.randint(jax.random.key(0), (1, 4, 9), 0, cfg.vocab_size)
+    graphdef_bf16, _ = nnx.split(Transformer(ModelConfig(**{**TINY, "dtype": "bfloat16"}), rngs=nnx.Rngs(0)))
+    _, exact = train_step(state, batch, graphdef=graphdef, optimizer=optimizer)
+    _, _, _, state = _setup(dtype="float32")  # the first call donated it
+    _, rounded = train_step(state, batch, graphdef=graphdef_bf16, optimizer=optimizer)
+    assert exact["loss"] != rounded["loss"]
+    np.testing.assert_allclose(rounded["loss"], exact["loss"], rtol=1e-2)
 
 
 def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -201,12 +202,29 @@ def test_incompatible_and_corrupt_checkpoints_are_refused(corpus_slice, tmp_path
         run(tiny_config(corpus_slice, tmp_path, steps=20), tmp_path / "run")
 
 
-def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, tmp_path):
+@pytest.fixture(scope="module")
+def single_device_run(corpus_slice, tmp_path_factory) -> Path:
+    """train.py on one device, 12 steps: what the mesh and two-host runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("single")
+    process = _train_process(_overrides(corpus_slice, tmp, steps=12, checkpoint_every=6), tmp / "run")
+    _out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return tmp / "run"
+
+
+def _final_params(run_dir: Path) -> list[np.ndarray]:
+    from flax import nnx
+
+    from resstream.cli import load_run
+
+    _, model = load_run(run_dir)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, single_device_run, tmp_path):
     """train.py under data x fsdp x tensor = 2 x 2 x 2 on 8 CPU devices logs the losses of the same
     run on one device."""
     overrides = _overrides(corpus_slice, tmp_path, steps=12, checkpoint_every=6)
-    single = _train_process(overrides, tmp_path / "one")
-    assert single.wait(timeout=300) == 0, single.stderr.read()[-3000:]
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'eight'}"]
@@ -214,7 +232,7 @@ def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, t
         [*command, *overrides, *mesh], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
     )
     assert eight.returncode == 0, eight.stderr[-3000:]
-    one, many = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    one, many = losses(single_device_run), losses(tmp_path / "eight")
     assert [s for s, _ in many] == list(range(1, 13))
     np.testing.assert_allclose([x for _, x in many], [x for _, x in one], rtol=1e-5)
     bad = subprocess.run(
@@ -222,3 +240,37 @@ def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, t
          "--config.mesh.data=3"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 1 and "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices" in bad.stderr
+
+
+def test_two_hosts_run_train_py_like_one(corpus_slice, single_device_run, tmp_path):
+    """The multi-host path end to end: train.py with config.distributed=True as two real processes,
+    joined by jax.distributed from the JAX_* variables over a loopback coordinator, one CPU device
+    and half of every batch each. Host 0 logs the one-device run's losses, host 1 logs nothing, and
+    the checkpoints the two write together (orbax, collectively) restore here, on one device, to
+    the one-device run's parameters."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+    command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'two'}",
+               *_overrides(corpus_slice, tmp_path, 12, 6), "--config.distributed=True"]  # fmt: skip
+    hosts = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                              "JAX_PROCESS_ID": str(i)})
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [host.communicate(timeout=300) for host in hosts]
+    for host, (_, err) in zip(hosts, outputs, strict=True):
+        assert host.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["hosts"] == 2 and summary["step"] == 12
+    one, two = losses(single_device_run), losses(tmp_path / "two")
+    assert [s for s, _ in two] == list(range(1, 13))  # each step logged once: by host 0 alone
+    np.testing.assert_allclose([x for _, x in two], [x for _, x in one], rtol=1e-5)
+    assert Checkpoints(tmp_path / "two" / "checkpoints").all_steps() == [6, 12]
+    expected, got = _final_params(single_device_run), _final_params(tmp_path / "two")
+    scale = max(float(np.max(np.abs(x))) for x in expected)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, expected, strict=True)) < 1e-5 * scale
