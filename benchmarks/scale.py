@@ -14,20 +14,30 @@ accelerator, tokens/s and model FLOPs utilisation (MFU).
    step the training loop runs by default (per-layer residual-stream statistics recorded).
    FLOPs per token as in benchmarks/train_throughput.py (6 x matmul parameters + 12 x layers x
    seq x d_model for attention, counted without the causal half, the usual MFU convention).
+3. Sharded memory (when there is more than one device; on CPU run it with
+   XLA_FLAGS=--xla_force_host_platform_device_count=8): the per-device compiled memory of the step
+   under data, fsdp and data x fsdp x tensor meshes (remat "dots"), with the model's activation
+   pins (traced under the mesh, as `sharding.sharded_train_step` runs it) and without them (XLA's
+   propagation alone). FSDP should divide the arguments (parameters and Adam state) by its size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from train_throughput import flops_per_token
 
 from resstream import ModelConfig, Transformer
+from resstream import sharding as S  # noqa: N812
 from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity).
@@ -74,6 +84,25 @@ def compiled_memory(remat: str, batch: int, dtype: str) -> dict[str, float]:
     }
 
 
+def sharded_memory(mesh_config: S.MeshConfig, batch: int, dtype: str, pinned: bool) -> dict[str, float]:
+    """Per-device compiled memory of the step on `mesh_config`'s mesh over all devices."""
+    cfg = config("dots", dtype)
+    optimizer = make_optimizer(OptimizerConfig(total_steps=10_000))
+    graphdef, state = nnx.eval_shape(lambda: init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0))
+    mesh = S.make_mesh(mesh_config)
+    shardings = S.state_shardings(state, mesh)
+    step = jax.jit(
+        functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=False),
+        in_shardings=(shardings, NamedSharding(mesh, P(None, S.BATCH_AXES))),
+        out_shardings=(shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+    tokens = jax.ShapeDtypeStruct((1, batch, cfg.n_ctx + 1), jnp.int32)
+    with jax.set_mesh(mesh) if pinned else contextlib.nullcontext():
+        memory = step.lower(state, tokens).compile().memory_analysis()
+    return {"temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes}
+
+
 def throughput(remat: str, batch: int, dtype: str, steps: int, telemetry: bool) -> dict[str, float]:
     cfg = config(remat, dtype)
     optimizer = make_optimizer(OptimizerConfig(total_steps=10_000))
@@ -108,6 +137,22 @@ def main() -> None:
             f"{remat:6} {m['temp_bytes'] / 2**30:10.2f}GiB {m['temp_bytes'] / memory['none']['temp_bytes']:8.3f} "
             f"{m['argument_bytes'] / 2**30:8.2f}GiB {m['output_bytes'] / 2**30:7.2f}GiB {m['compile_s']:7.1f}s"
         )
+    n = jax.device_count()
+    if n > 1 and n % 8 == 0:
+        print(f"\nper device, {n} devices, remat dots, batch {args.batch[0]}: pinned activations vs XLA's propagation")
+        print(f"{'mesh':22} {'temporaries':>22} {'arguments':>10}")
+        meshes = {
+            f"data {n}": S.MeshConfig(data=n),
+            f"fsdp {n}": S.MeshConfig(data=1, fsdp=n),
+            f"data {n // 4} x fsdp 2 x tensor 2": S.MeshConfig(data=n // 4, fsdp=2, tensor=2),
+        }
+        for name, mesh_config in meshes.items():
+            free, pinned = (sharded_memory(mesh_config, args.batch[0], args.dtype, p) for p in (False, True))
+            print(
+                f"{name:22} {pinned['temp_bytes'] / 2**30:7.2f} vs {free['temp_bytes'] / 2**30:5.2f}GiB "
+                f"({pinned['temp_bytes'] / free['temp_bytes']:.3f}) {pinned['argument_bytes'] / 2**30:8.2f}GiB",
+                flush=True,
+            )
     if jax.default_backend() == "cpu":
         print("no accelerator: tokens/s and MFU are measured only on a GPU or TPU")
         return
