@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from resstream.config import ModelConfig
+from resstream.config import RUNTIME_FIELDS, ModelConfig
 
 # orbax logs every save at INFO; a training run's own log says what matters.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -76,7 +76,7 @@ class Checkpoints:
             ) from None
         saved = meta.get("model_config", {})
         wanted = model_config.to_dict()
-        differences = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        differences = {k: (saved.get(k), v) for k, v in wanted.items() if k not in RUNTIME_FIELDS and saved.get(k) != v}
         if differences:
             listing = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(differences.items()))
             raise CheckpointError(

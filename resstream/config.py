@@ -13,6 +13,9 @@ POSITIONS = ("learned", "rotary")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "dots", "full")
+ATTENTIONS = ("auto", "xla", "cudnn")
+# Fields that change how the model is computed, not which model it is: checkpoints restore across them.
+RUNTIME_FIELDS = frozenset({"remat", "attention"})
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,10 @@ class ModelConfig:
     # gradients are the same. "dots" is the default: on XLA's CPU backend the backward scan over
     # stored activations is slow, and "dots" made the train step ~1.5x faster there.
     remat: str = "dots"
+    # The implementation of jax.nn.dot_product_attention that computes z: "auto" takes cuDNN's fused
+    # (flash) attention on an NVIDIA GPU where cuDNN takes the shapes (16-bit compute, d_head a
+    # multiple of 8 up to 128) and XLA's everywhere else; "xla" or "cudnn" insist on one.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -65,6 +72,12 @@ class ModelConfig:
             raise ConfigError(
                 f"positions='rotary' needs an even d_head, got d_head={self.d_head}: "
                 "choose d_model / n_heads even, set d_head to an even number, or use positions='learned'"
+            )
+        if self.attention == "cudnn" and not (self.dtype != "float32" and self.d_head % 8 == 0 and self.d_head <= 128):
+            raise ConfigError(
+                f"attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to 128 "
+                f"(cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
+                "use attention='auto', which falls back to XLA's"
             )
 
     @property
@@ -116,6 +129,7 @@ def _validate(cfg: ModelConfig) -> None:
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "param_dtype", DTYPES)
     _choice(cfg, "remat", REMATS)
+    _choice(cfg, "attention", ATTENTIONS)
     if cfg.d_head is None and cfg.d_model % cfg.n_heads:
         raise ConfigError(
             f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: choose d_model a multiple "

@@ -105,6 +105,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         h, d, e, pdt = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
         self.dtype = cfg.compute_dtype
+        self.implementation = attention_implementation(cfg)
         self.W_Q = _normal(rngs, (h, d, e), cfg.init_std, pdt)
         self.W_K = _normal(rngs, (h, d, e), cfg.init_std, pdt)
         self.W_V = _normal(rngs, (h, d, e), cfg.init_std, pdt)
@@ -137,11 +138,11 @@ class Attention(nnx.Module):
         q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
         if rope is not None:
             q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
-        # z always comes from jax.nn.dot_product_attention: cuDNN's fused (flash) attention on GPU,
-        # XLA's elsewhere (on CPU as fast as a hand-written softmax that normalises z: 24 ms against
-        # 45 ms for one that normalises the weights, batch 8 x seq 256). The pattern, when recorded,
-        # is computed beside it for the record only, so recording it cannot change the logits.
-        z = jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(dt)
+        # z always comes from jax.nn.dot_product_attention: cuDNN's fused (flash) attention on an
+        # NVIDIA GPU, XLA's elsewhere (on CPU as fast as a hand-written softmax that normalises z: 24 ms
+        # against 45 ms for one that normalises the weights, batch 8 x seq 256). The pattern, when
+        # recorded, is computed beside it for the record only, so recording cannot change the logits.
+        z = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation).astype(dt)
         z = constrain(z, BATCH_AXES, None, "tensor", None)
         pattern = _causal_pattern(q, k) if want_pattern else None
         if edit_z is not None:
@@ -149,6 +150,19 @@ class Attention(nnx.Module):
         out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
         out = constrain(out + self.b_O[...].astype(dt), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), z, pattern
+
+
+def attention_implementation(cfg: ModelConfig, device: Any = None) -> str:
+    """The `jax.nn.dot_product_attention` implementation for `cfg` on `device` (default: the first
+    device): `cfg.attention` unless "auto", which takes "cudnn" on an NVIDIA GPU when cuDNN's fused
+    attention takes the shapes (16-bit compute, d_head a multiple of 8 up to 128), else "xla".
+    jax's own default (implementation=None) is XLA's everywhere, GPUs included."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    device = jax.devices()[0] if device is None else device
+    nvidia = device.platform in ("gpu", "cuda") and "nvidia" in device.device_kind.lower()
+    fits = cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.d_head % 8 == 0 and cfg.d_head <= 128
+    return "cudnn" if nvidia and fits else "xla"
 
 
 def _causal_pattern(q: jax.Array, k: jax.Array) -> jax.Array:

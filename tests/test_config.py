@@ -1,6 +1,9 @@
+from types import SimpleNamespace
+
 import pytest
 
 from resstream import ConfigError, ModelConfig
+from resstream.model import attention_implementation
 
 
 def test_defaults_are_resolved():
@@ -32,6 +35,9 @@ def test_round_trip_through_dict():
         (dict(dropout=1.0), "dropout must be in [0, 1)"),
         (dict(stochastic_depth=0.1, residual=False), "stochastic_depth > 0 needs residual=True"),
         (dict(norm_eps=0.0), "norm_eps must be positive"),
+        (dict(attention="flash"), "attention='flash' is not supported: choose one of ['auto', 'xla', 'cudnn']"),
+        (dict(attention="cudnn"), "attention='cudnn' needs dtype bfloat16 or float16"),
+        (dict(attention="cudnn", dtype="bfloat16", d_model=256, n_heads=1), "d_head=256"),
     ],
 )
 def test_invalid_configs_name_the_field_and_the_fix(fields, message):
@@ -43,3 +49,24 @@ def test_invalid_configs_name_the_field_and_the_fix(fields, message):
 def test_unknown_field_in_dict():
     with pytest.raises(ConfigError, match="unknown ModelConfig fields \\['n_layer'\\]"):
         ModelConfig.from_dict({"n_layer": 3})
+
+
+H100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize(
+    ("fields", "device", "implementation"),
+    [
+        (dict(dtype="bfloat16"), H100, "cudnn"),
+        (dict(dtype="float16", d_model=1024, n_heads=8), H100, "cudnn"),  # d_head 128: cuDNN's largest
+        (dict(dtype="float32"), H100, "xla"),  # cuDNN's fused attention takes 16-bit inputs only
+        (dict(dtype="bfloat16", d_model=48, n_heads=4), H100, "xla"),  # d_head 12: not a multiple of 8
+        (dict(dtype="bfloat16", d_model=256, n_heads=1), H100, "xla"),  # d_head 256: too large
+        (dict(dtype="bfloat16", attention="xla"), H100, "xla"),
+        (dict(dtype="bfloat16"), SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"), "xla"),
+        (dict(dtype="bfloat16"), SimpleNamespace(platform="cpu", device_kind="cpu"), "xla"),
+        (dict(dtype="bfloat16", attention="cudnn"), SimpleNamespace(platform="cpu", device_kind="cpu"), "cudnn"),
+    ],
+)
+def test_auto_attention_takes_cudnn_only_where_it_applies(fields, device, implementation):
+    assert attention_implementation(ModelConfig(**fields), device) == implementation

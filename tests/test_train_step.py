@@ -5,11 +5,12 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from conftest import TINY
 from resstream import ModelConfig, Transformer
-from resstream.checkpoint import Checkpoints
+from resstream.checkpoint import CheckpointError, Checkpoints
 from resstream.train import OptimizerConfig, decay_mask, init_state, make_optimizer, train_step
 
 
@@ -96,6 +97,20 @@ def test_bfloat16_and_float32_compute_give_the_same_loss_to_bfloat16_precision()
     _, rounded = train_step(state, batch, graphdef=graphdef_bf16, optimizer=optimizer)
     assert exact["loss"] != rounded["loss"]
     np.testing.assert_allclose(rounded["loss"], exact["loss"], rtol=1e-2)
+
+
+def test_checkpoints_restore_across_runtime_fields_and_refuse_other_models(tmp_path):
+    """remat and attention change how the model is computed, not which model it is; a checkpoint
+    written before the attention field existed still restores."""
+    cfg, _, _, state = _setup()
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "attention"}
+    Checkpoints(tmp_path).save(1, state, {"model_config": saved})
+    _, _, _, target = _setup(remat="full", attention="xla")
+    restored, _ = Checkpoints(tmp_path).restore(target, ModelConfig(**{**TINY, "remat": "full", "attention": "xla"}))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="residual: saved True vs now False"):
+        Checkpoints(tmp_path).restore(target, ModelConfig(**{**TINY, "residual": False}))
 
 
 def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
