@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resstream.config import ModelConfig
+from resstream.config import ConfigError, ModelConfig
 from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
 from resstream.stream import MODES, OPTIONAL_RECORDS, Ablation, Replacement, ResidualStream, token_norm
 
@@ -157,10 +157,15 @@ def attention_implementation(cfg: ModelConfig, device: Any = None) -> str:
     device): `cfg.attention` unless "auto", which takes "cudnn" on an NVIDIA GPU when cuDNN's fused
     attention takes the shapes (16-bit compute, d_head a multiple of 8 up to 128), else "xla".
     jax's own default (implementation=None) is XLA's everywhere, GPUs included."""
-    if cfg.attention != "auto":
-        return cfg.attention
     device = jax.devices()[0] if device is None else device
     nvidia = device.platform in ("gpu", "cuda") and "nvidia" in device.device_kind.lower()
+    if cfg.attention == "cudnn" and not nvidia:
+        raise ConfigError(
+            f"attention='cudnn' needs an NVIDIA GPU, but the device is {device.device_kind!r}: "
+            "use attention='auto' (cuDNN where it applies, XLA's elsewhere) or 'xla'"
+        )
+    if cfg.attention != "auto":
+        return cfg.attention
     fits = cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.d_head % 8 == 0 and cfg.d_head <= 128
     return "cudnn" if nvidia and fits else "xla"
 

@@ -65,8 +65,14 @@ H100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
         (dict(dtype="bfloat16", attention="xla"), H100, "xla"),
         (dict(dtype="bfloat16"), SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"), "xla"),
         (dict(dtype="bfloat16"), SimpleNamespace(platform="cpu", device_kind="cpu"), "xla"),
-        (dict(dtype="bfloat16", attention="cudnn"), SimpleNamespace(platform="cpu", device_kind="cpu"), "cudnn"),
+        (dict(dtype="bfloat16", attention="cudnn"), H100, "cudnn"),
     ],
 )
 def test_auto_attention_takes_cudnn_only_where_it_applies(fields, device, implementation):
     assert attention_implementation(ModelConfig(**fields), device) == implementation
+
+
+def test_cudnn_attention_off_an_nvidia_gpu_is_refused():
+    cfg = ModelConfig(dtype="bfloat16", attention="cudnn")
+    with pytest.raises(ConfigError, match="attention='cudnn' needs an NVIDIA GPU, but the device is 'cpu'"):
+        attention_implementation(cfg, SimpleNamespace(platform="cpu", device_kind="cpu"))
