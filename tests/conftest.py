@@ -110,13 +110,3 @@ def arch(request) -> dict:
 @pytest.fixture(params=sample(), ids=grid_id)
 def sampled_arch(request) -> dict:
     return request.param
-
-
-# Files of end-to-end runs (subprocesses, meshes, many steps): 20-55 s a test against ~1 s for the
-# rest. Collected first, so that the workers (pytest-xdist) start them early instead of finishing
-# with one of them running alone.
-LONG_FILES = ("test_training.py", "test_sharding.py", "test_cli.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONG_FILES)
