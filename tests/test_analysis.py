@@ -38,16 +38,16 @@ def test_compiled_analysis_equals_eager(sampled_arch):
         np.testing.assert_allclose(compiled.values, eager.values, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_decompose_logits_sums_to_the_logits(arch):
-    model, _tokens, logits, cache = built(**arch)
+def test_decompose_logits_sums_to_the_logits(sampled_arch):
+    model, _tokens, logits, cache = built(**sampled_arch)
     for split_heads in (False, True):
         parts = A.decompose_logits(model, cache, split_heads=split_heads)
         assert parts.labels[-1] == "bias" and parts.values.shape[1:] == logits.shape
         assert max_rel_err(parts.sum(), logits) <= 1e-4
 
 
-def test_decompose_resid_sums_to_the_stream_at_every_layer(arch):
-    model, _tokens, _logits, cache = built(**arch)
+def test_decompose_resid_sums_to_the_stream_at_every_layer(sampled_arch):
+    model, _tokens, _logits, cache = built(**sampled_arch)
     for layer in range(model.cfg.n_layers):
         assert max_rel_err(A.decompose_resid(model, cache, layer).sum(), cache["resid_pre"][layer]) <= 1e-5
         if not model.cfg.attn_only:
@@ -56,8 +56,8 @@ def test_decompose_resid_sums_to_the_stream_at_every_layer(arch):
     assert max_rel_err(A.decompose_resid(model, cache).sum(), cache["resid_final"]) <= 1e-5
 
 
-def test_logit_lens_reads_every_layer_and_ends_at_the_logits(arch):
-    model, _tokens, logits, cache = built(**arch)
+def test_logit_lens_reads_every_layer_and_ends_at_the_logits(sampled_arch):
+    model, _tokens, logits, cache = built(**sampled_arch)
     lens = A.logit_lens(model, cache, mid=True)
     assert lens.labels[0] == "0_pre" and lens.labels[-1] == "final"
     assert max_rel_err(lens["final"], logits) <= 1e-5
@@ -69,8 +69,8 @@ def test_logit_lens_reads_every_layer_and_ends_at_the_logits(arch):
         assert max_rel_err(lens[f"{layer}_pre"], expected) <= 1e-5
 
 
-def test_head_results_plus_b_O_sum_to_attn_out(arch):
-    model, _tokens, _logits, cache = built(**arch)
+def test_head_results_plus_b_O_sum_to_attn_out(sampled_arch):
+    model, _tokens, _logits, cache = built(**sampled_arch)
     every = A.head_results(model, cache)
     assert len(every) == model.cfg.n_layers * (model.cfg.n_heads + 1)
     for layer in range(model.cfg.n_layers):
@@ -87,8 +87,8 @@ def test_neuron_results_sum_to_mlp_out():
     assert max_rel_err(neurons.sum(), cache["mlp_out"][1][:, -1]) <= 1e-5
 
 
-def test_logit_attrs_equal_decomposed_logits_of_the_chosen_tokens(arch):
-    model, tokens, logits, cache = built(**arch)
+def test_logit_attrs_equal_decomposed_logits_of_the_chosen_tokens(sampled_arch):
+    model, tokens, logits, cache = built(**sampled_arch)
     full = A.decompose_logits(model, cache)
     targets = jnp.roll(tokens, -1, axis=1)
     attrs = A.logit_attrs(model, cache, targets)
