@@ -24,7 +24,7 @@ from resstream.config import ConfigError, ModelConfig
 from resstream.data import ByteTokenizer, Sampler, SamplerState, eval_batches, tokenized_corpus
 from resstream.model import Transformer
 from resstream.sampling import generate
-from resstream.sharding import MeshConfig, make_mesh, shard, sharded_train_step, state_shardings
+from resstream.sharding import BATCH_AXES, MeshConfig, make_mesh, shard, sharded_train_step, state_shardings
 from resstream.telemetry import MetricsLog, plot_run
 from resstream.train import OptimizerConfig, eval_loss, init_state, learning_rate_schedule, make_optimizer
 
@@ -189,7 +189,7 @@ def _batch_split(mesh: Any, batch_size: int) -> tuple[slice, Any]:
     rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
 
     def to_global(local: np.ndarray, accum: bool = False) -> jax.Array:
-        spec = P(None, ("data", "fsdp")) if accum else P(("data", "fsdp"))
+        spec = P(None, BATCH_AXES) if accum else P(BATCH_AXES)
         shape = (*local.shape[:1], batch_size, *local.shape[2:]) if accum else (batch_size, *local.shape[1:])
         return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
 

@@ -512,13 +512,16 @@ class Transformer(nnx.Module):
             if final_scale is not None:
                 cache["ln_final_scale"] = final_scale
             # Every record split on its batch axis like the tokens (the rest left to XLA).
-            cache = {
-                name: constrain(x, *((None, BATCH_AXES) if name in LAYER_RECORDS else (BATCH_AXES,)), *[FREE] * x.ndim)
-                for name, x in cache.items()
-            }
+            cache = {name: _batch_split(name, x) for name, x in cache.items()}
         elif mode == "stats":
             cache = dict(layer_records)
         return logits, cache
+
+
+def _batch_split(name: str, record: jax.Array) -> jax.Array:
+    """A cache record pinned to its batch axis over data x fsdp (its other axes left to XLA)."""
+    lead = (None, BATCH_AXES) if name in LAYER_RECORDS else (BATCH_AXES,)
+    return constrain(record, *lead, *[FREE] * (record.ndim - len(lead)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "record"))
