@@ -15,7 +15,9 @@ linear in the recorded writes, so the rows sum back exactly (up to float32 round
 Unlike TransformerLens without weight folding, the norm weight w is applied: the sums are exact.
 
 `pos` and `batch` select positions and sequences (an int, a slice or an index array) before any
-work is done, so one position of a long batch costs one position's memory.
+work is done, so one position of a long batch costs one position's memory. Out-of-range indices and
+token ids raise (IndexError, TokenError) where they are known, and give NaN rows inside a user's
+`jit`: never another row's values, as a JAX gather's clamping would.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from resstream.model import LAYER_RECORDS, Cache, Transformer
+from resstream.model import LAYER_RECORDS, Cache, TokenError, Transformer
 
 Index = int | slice | jax.Array | Any
 F32 = jnp.float32
@@ -81,6 +83,7 @@ def _compiled(fn: Callable) -> Callable:
     def wrapper(model: Transformer, cache: Cache, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(model, cache, *args, **kwargs)
         bound.apply_defaults()
+        _check_indices(model, cache, bound.arguments)
         arrays, statics = {}, []
         for name, value in list(bound.arguments.items())[2:]:
             if isinstance(value, jax.Array | np.ndarray | list) or (name in _DATA_ARGS and value is not None):
@@ -90,7 +93,10 @@ def _compiled(fn: Callable) -> Callable:
             else:
                 statics.append((name, value))
         graphdef, state = nnx.split(model)
-        return _run_compiled(fn, graphdef, state, cache, arrays, tuple(statics))
+        out = _run_compiled(fn, graphdef, state, cache, arrays, tuple(statics))
+        if any(isinstance(bound.arguments.get(name), jax.core.Tracer) for name in ("batch", "pos")):
+            out = _nan_outside(cache, bound.arguments, out)
+        return out
 
     return wrapper
 
@@ -102,6 +108,57 @@ def _run_compiled(fn: Callable, graphdef: Any, state: Any, cache: Cache, arrays:
         is_slice = isinstance(value, tuple) and len(value) == 4 and value[0] == "slice"
         kwargs[name] = slice(*value[1:]) if is_slice else value
     return fn(nnx.merge(graphdef, state), cache, **kwargs)
+
+
+def _first_outside(value: Any, lo: int, hi: int) -> tuple[int, str] | None:
+    """The first entry of a known integer index outside [lo, hi), and where it is ("" for a scalar).
+    None if there is none, or if the value is a slice or traced (the compiled code gives NaN)."""
+    if value is None or isinstance(value, slice | jax.core.Tracer):
+        return None
+    host = np.asarray(value)
+    if not np.issubdtype(host.dtype, np.integer):  # bool masks and the like are left to JAX
+        return None
+    bad = np.argwhere((host < lo) | (host >= hi))
+    if not len(bad):
+        return None
+    at = tuple(int(i) for i in bad[0])
+    return int(host[at]), f" (at index {list(at)})" if at else ""
+
+
+def _check_indices(model: Transformer, cache: Cache, arguments: dict[str, Any]) -> None:
+    """Raise for a known out-of-range `pos`, `batch` or token id, which a JAX gather would clamp to
+    the last row silently. Python ints are known even inside a user's jit, so they raise there too."""
+    if "embed" in cache:  # a stats cache has none: the view's KeyError explains what to record
+        n_batch, n_pos = cache["embed"].shape[:2]
+        for name, n, what in (("batch", n_batch, "sequences"), ("pos", n_pos, "positions")):
+            if found := _first_outside(arguments.get(name), -n, n):
+                value, at = found
+                label = f"{name}={value}" if not at else f"{name} entry {value}{at}"
+                raise IndexError(
+                    f"{label} is out of range: the cache holds {n} {what} (0..{n - 1}, or {-n}..-1 from the end)"
+                )
+    vocab = model.cfg.vocab_size
+    for name in _DATA_ARGS:
+        if found := _first_outside(arguments.get(name), 0, vocab):
+            value, at = found
+            fix = "token ids are not Python indices" if value < 0 else "check the tokenizer matches the model"
+            raise TokenError(f"token id {value} is outside the vocabulary [0, {vocab}): `{name}` holds it{at}; {fix}")
+
+
+def _nan_outside(cache: Cache, arguments: dict[str, Any], out: Labelled) -> Labelled:
+    """NaN at every sequence and position that a traced `batch`/`pos` array selects out of range.
+    Such indices cannot raise; the gathers clamped them to another row, and rows that do not read
+    the cache at all (biases) would look valid. `out.values` is [n, *batch axes, *pos axes, ...]."""
+    valid = np.ones((), bool)
+    for name, n in zip(("batch", "pos"), cache["embed"].shape[:2], strict=True):
+        index = arguments.get(name)
+        if isinstance(index, jax.core.Tracer):
+            ok = (index >= -n) & (index < n)
+        else:  # checked already; an int drops its axis, None or a slice keeps one
+            ok = np.ones((1,) * (1 if index is None or isinstance(index, slice) else np.ndim(index)), bool)
+        valid = valid.reshape(valid.shape + (1,) * ok.ndim) & ok
+    valid = valid.reshape(1, *valid.shape, *(1,) * (out.values.ndim - 1 - valid.ndim))
+    return out.replace(values=jnp.where(valid, out.values, jnp.nan))
 
 
 # --------------------------------------------------------------------------------- selection
@@ -369,7 +426,9 @@ def logit_attrs(
 
     def column(ids: Any) -> tuple[jax.Array, jax.Array]:
         ids = jnp.broadcast_to(_token_selection(ids, cache, pos, batch), shape)
-        return W_eff.T[ids], bias[ids]
+        # Traced ids are unchecked: an invalid one gives NaN, not a clamped or (if negative) wrapped column.
+        valid = (ids >= 0) & (ids < W_eff.shape[1])
+        return jnp.where(valid[..., None], W_eff.T[ids], jnp.nan), jnp.where(valid, bias[ids], jnp.nan)
 
     direction, bias_row = column(tokens)  # [..., d_model], [...]
     if incorrect_tokens is not None:

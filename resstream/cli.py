@@ -13,6 +13,7 @@ from typing import Any
 from ml_collections import ConfigDict, config_dict
 
 from resstream.config import ConfigError, ModelConfig
+from resstream.runs import load_run, run_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
 
@@ -60,44 +61,168 @@ def base_config() -> ConfigDict:
                 "tensorboard": True,
                 "progress": True,
                 "sample_tokens": 200,
+                # a corrupt latest checkpoint: False refuses to resume (naming the newest intact one);
+                # True moves the corrupt ones to run_dir/corrupt_checkpoints/ and resumes from it
+                "resume_intact": False,
                 "debug_nan_step": -1,
             },
         }
     )
 
 
-def train_main() -> None:
-    from absl import app, flags
+TRAIN_USAGE = "usage: python train.py [--config FILE] [--run_dir DIR] [--config.SECTION.FIELD=VALUE ...]"
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run as given."""
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """`python train.py ...`: train, or resume, one run; every mistake ends in one `error:` line."""
+    argv = list(sys.argv if argv is None else argv)  # argv[0] is the program
+    if {"-h", "--help", "--helpfull"} & set(argv[1:]):
+        print(train_help(argv))
+        return
+    try:
+        config, run_dir = parse_train_args(argv)
+    except UsageError as err:
+        print(f"error: {err}\n{TRAIN_USAGE}  (--help lists every field)", file=sys.stderr)
+        sys.exit(2)
+    show_notes()
+    from resstream.checkpoint import CheckpointError
+    from resstream.data import DataError
+    from resstream.loop import DivergenceError, run
+    from resstream.run_lock import RunLockedError
+
+    if config.distributed:
+        _join_hosts()
+    try:
+        summary = run(config, run_dir)
+    except (ConfigError, DataError, CheckpointError, DivergenceError, RunLockedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(summary, indent=2))
+
+
+def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
+    """(config, run_dir) from train.py's command line (argv[0] is the program); UsageError for a
+    config file that is missing or broken, a field that does not exist, a value of the wrong type."""
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", str(DEFAULT_CONFIG), "a config file in configs/", lock_config=True
-    )
-    run_dir_flag = flags.DEFINE_string(
-        "run_dir", None, "where checkpoints, logs and plots go (default: config.run_dir)"
-    )
-
-    def main(argv: list[str]) -> None:
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)  # absl's INFO lines (backends, fonts) are noise here
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}: overrides look like --config.train.steps=100")
-        from resstream.checkpoint import CheckpointError
-        from resstream.data import DataError
-        from resstream.loop import DivergenceError, run
-
+    values = flags.FlagValues()
+    try:
+        config_flag = config_flags.DEFINE_config_file(
+            "config", str(DEFAULT_CONFIG), "a config file", flag_values=values, lock_config=True, sys_argv=argv
+        )
+        run_dir_flag = flags.DEFINE_string("run_dir", None, "where the run is written", flag_values=values)
+        rest = values(argv)
         config = config_flag.value
-        if config.distributed:
-            _join_hosts()
-        try:
-            summary = run(config, run_dir_flag.value or config.run_dir)
-        except (ConfigError, DataError, CheckpointError, DivergenceError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
-        print(json.dumps(summary, indent=2))
+        run_dir = run_dir_flag.value or config.run_dir
+    except Exception as err:  # the config file is the user's code: any error in it is theirs to fix
+        raise UsageError(_config_problem(err, argv)) from err
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments {rest[1:]}: overrides look like --config.train.steps=100")
+    return config, run_dir
 
-    app.run(main)
+
+def _config_problem(err: Exception, argv: list[str]) -> str:
+    """One line saying what is wrong with the config file or an override."""
+    from absl import flags
+
+    path = _config_path(argv)
+    if isinstance(err, SyntaxError):
+        return f"config file {err.filename} line {err.lineno}: {err.msg}"
+    if isinstance(err, OSError) and not Path(path).is_file():
+        return f"config file {path} not found: pass an existing file, such as configs/default.py"
+    if isinstance(err, flags.Error):
+        return str(err)
+    if isinstance(err, AttributeError | KeyError) and len(argv) > 2:  # an override naming no field?
+        unknown = _unknown_override(argv, path)
+        if unknown:
+            return unknown
+    lines = str(err).strip().splitlines()
+    return f"config file {path}: {type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _unknown_override(argv: list[str], path: str) -> str | None:
+    """The first --config.a.b=... override whose field the config file does not have."""
+    import difflib
+
+    try:
+        config, _ = parse_train_args([argv[0], f"--config={path}"])
+    except UsageError:
+        return None
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        node: Any = config.to_dict()
+        keys = arg.split("=", 1)[0].removeprefix("--config.").split(".")
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = ".".join(keys[:depth]) or "the config"
+                close = difflib.get_close_matches(key, list(node) if isinstance(node, dict) else [], n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                return f"{arg.split('=', 1)[0]}: {where} has no field {key!r} in {path}{hint}"
+            node = node[key]
+    return None
+
+
+def _config_path(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return str(DEFAULT_CONFIG)
+
+
+def train_help(argv: list[str]) -> str:
+    """train.py --help: the flags and every config field with its value in the chosen file."""
+    path = _config_path(argv)
+    try:
+        config, _ = parse_train_args([argv[0], f"--config={path}"])
+        source = path
+    except UsageError as err:
+        config, source = base_config(), f"the built-in defaults ({err})"
+    flat: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat.append(f"  --config.{prefix}{key}={value}")
+
+    walk("", config.to_dict())
+    doc = (sys.modules["__main__"].__doc__ or "").strip() if argv[0].endswith("train.py") else ""
+    return "\n".join(
+        [
+            TRAIN_USAGE,
+            *([f"\n{doc}"] if doc else []),
+            "",
+            "flags:",
+            "  --config FILE   a config file (default: configs/default.py); presets are in configs/",
+            "  --run_dir DIR   where checkpoints, logs and plots go (default: the config's run_dir)",
+            "",
+            f"config fields, with their values in {source}:",
+            *flat,
+        ]
+    )
+
+
+def show_notes() -> None:
+    """Print the library's notes (logger "resstream": how the data was split, ...) as plain lines,
+    and quiet absl's INFO lines (orbax logs every save)."""
+    import logging
+
+    logger = logging.getLogger("resstream")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _join_hosts() -> None:
@@ -118,48 +243,35 @@ def _join_hosts() -> None:
         jax.distributed.initialize()
 
 
-def load_run(run_dir: str | Path) -> tuple[ConfigDict, Any]:
-    """(config, model with the run's latest checkpoint) of a run directory; exits with a clear
-    message when it is not one or its checkpoint cannot be restored."""
-    from flax import nnx
-
-    from resstream.checkpoint import CheckpointError, Checkpoints
-    from resstream.loop import model_config, optimizer_config
-    from resstream.model import Transformer
-    from resstream.train import init_state, make_optimizer
-
-    config_file = Path(run_dir) / "config.json"
-    if not config_file.exists():
-        sys.exit(f"error: {run_dir} is not a run directory (no config.json); train one with python train.py")
-    config = ConfigDict(json.loads(config_file.read_text()))
-    cfg = model_config(config)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    _, abstract = init_state(model, make_optimizer(optimizer_config(config)), 0)
-    try:
-        state, _ = Checkpoints(Path(run_dir) / "checkpoints").restore(abstract, cfg)
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
-    nnx.update(model, state.params)
-    return config, model
-
-
 def sample_main(argv: list[str]) -> None:
+    from resstream.sampling import check_sampling
+
     parser = argparse.ArgumentParser(prog="python -m resstream sample", description="sample from a trained run")
     parser.add_argument("run_dir")
     parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint to load (default: the latest)")
     args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("--prompt is empty: give at least one character for the model to continue")
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    try:
+        config = run_config(args.run_dir)
+        check_sampling(args.tokens, args.temperature, args.top_k, config["model"]["vocab_size"])
+    except ValueError as err:
+        parser.error(str(err))
 
     import numpy as np
 
     from resstream.data import ByteTokenizer
     from resstream.sampling import generate
 
-    _, model = load_run(args.run_dir)
+    _, model = load_run(args.run_dir, args.step)
     tokenizer = ByteTokenizer()
     prompt = np.repeat(tokenizer.encode(args.prompt)[None], args.num_samples, axis=0)
     out = generate(model, prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -203,9 +315,10 @@ def ablate_main(argv: list[str]) -> None:
     add("--answer", default="x", help="the clean prompt's next token (one byte)")
     add("--wrong", default="y", help="the corrupted prompt's next token (one byte)")
     add("--out", default=None, help="output directory (default: RUN_DIR/ablation)")
+    add("--step", type=int, default=None, help="the checkpoint to load (default: the latest)")
     args = parser.parse_args(argv)
 
-    config, model = load_run(args.checkpoint)
+    config, model = load_run(args.checkpoint, args.step)
     seq = min(args.seq or model.cfg.n_ctx, model.cfg.n_ctx)
     out = Path(args.out or Path(args.checkpoint) / "ablation")
     out.mkdir(parents=True, exist_ok=True)
@@ -216,18 +329,15 @@ def ablate_main(argv: list[str]) -> None:
         reference = A.mean_writes(model, batches[: args.mean_batches])
     elif args.method == "resample":
         reference = batches[1]
-    try:
-        table = A.ablation_sweep(model, tokens, args.granularity, method=args.method, reference=reference)
-        meta = {"run": str(args.checkpoint), "method": args.method, "tokens": list(tokens.shape)}
-        study_report.write_table(table.rows(), out / "sweep", {**meta, "baseline_loss": float(table.baseline)})
-        study_report.plot_sweep(table, out / "sweep.png")
-        print(table)
-        if args.deletion:
-            _deletion(model, tokens, args, out)
-        if args.patch:
-            _patch(model, args, out)
-    except A.AblationError as err:
-        sys.exit(f"error: {err}")
+    table = A.ablation_sweep(model, tokens, args.granularity, method=args.method, reference=reference)
+    meta = {"run": str(args.checkpoint), "method": args.method, "tokens": list(tokens.shape)}
+    study_report.write_table(table.rows(), out / "sweep", {**meta, "baseline_loss": float(table.baseline)})
+    study_report.plot_sweep(table, out / "sweep.png")
+    print(table)
+    if args.deletion:
+        _deletion(model, tokens, args, out)
+    if args.patch:
+        _patch(model, args, out)
     print(f"\nwrote {out}/")
 
 
@@ -290,16 +400,30 @@ def _patch(model: Any, args: argparse.Namespace, out: Path) -> None:
     )
 
 
+USAGE = (
+    "usage: python -m resstream sample RUN_DIR [--prompt TEXT] [--temperature T] [--top_k K] [--step N]\n"
+    "       python -m resstream ablate --checkpoint RUN_DIR [--granularity G] [--method M] [--deletion] [--patch]\n"
+    "       (training: python train.py --config configs/NAME.py; each command takes --help)"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`python -m resstream COMMAND ...`; a user's mistake ends in one `error:` line, exit status 1."""
+    from resstream.ablation import AblationError
+    from resstream.checkpoint import CheckpointError
+    from resstream.data import DataError
+    from resstream.model import TokenError
+
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sample"]:
-        sample_main(argv[1:])
-    elif argv[:1] == ["ablate"]:
-        ablate_main(argv[1:])
-    else:
-        sys.exit(
-            "usage: python -m resstream sample RUN_DIR [--prompt TEXT] [--temperature T] [--top_k K]\n"
-            "       python -m resstream ablate --checkpoint RUN_DIR [--granularity G] [--method M] "
-            "[--deletion] [--patch]\n"
-            "       (training: python train.py --config configs/NAME.py)"
-        )
+    commands = {"sample": sample_main, "ablate": ablate_main}
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if not argv or argv[0] not in commands:
+        sys.exit(f"error: {'no command' if not argv else f'unknown command {argv[0]!r}'}\n{USAGE}")
+    show_notes()
+    try:
+        commands[argv[0]](argv[1:])
+    except (AblationError, CheckpointError, ConfigError, DataError, TokenError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

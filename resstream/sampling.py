@@ -35,6 +35,16 @@ def _next_token(
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def check_sampling(n_new: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
+    """ValueError, saying what to use instead, for options `generate` cannot honour."""
+    if n_new < 0:
+        raise ValueError(f"tokens to generate must be 0 or more, got {n_new}")
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
+
+
 def generate(
     model: Transformer,
     prompt: np.ndarray,
@@ -46,8 +56,9 @@ def generate(
 ) -> np.ndarray:
     """prompt [batch, prompt_len] -> [batch, prompt_len + n_new]; the context slides once full."""
     prompt = np.atleast_2d(np.asarray(prompt, np.int32))
-    if prompt.shape[1] == 0:
-        raise ValueError("generate needs a prompt of at least one token")
+    if prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f"generate needs a prompt of at least one row of one token, got shape {prompt.shape}")
+    check_sampling(n_new, temperature, top_k, model.cfg.vocab_size)
     n_ctx = model.cfg.n_ctx
     graphdef, params = nnx.split(model)
     tokens = prompt

@@ -9,11 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure  # not pyplot: no global backend or figure state is touched
 
 from resstream.ablation import DeletionCurve, SweepTable
 from resstream.patching import PatchingResult
@@ -34,7 +31,8 @@ def plot_sweep(table: SweepTable, path: Path, title: str = "") -> None:
     direct effect (its own path to the logits)."""
     rows = table.rows()
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 2), 4))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(rows) + 2), 4))
+    ax = fig.subplots()
     has_direct = table.direct is not None
     width = 0.4 if has_direct else 0.8
     ax.bar(x - (width / 2 if has_direct else 0), [r["total_effect"] for r in rows], width, label="total effect")
@@ -47,13 +45,13 @@ def plot_sweep(table: SweepTable, path: Path, title: str = "") -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_deletion(curves: dict[str, DeletionCurve], path: Path) -> None:
     """Loss change against the number of layers deleted: every draw as a dot, the mean as a line;
     one colour per run."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     rng = np.random.default_rng(0)
     for name, curve in curves.items():
         by_k = curve.by_k()
@@ -70,13 +68,13 @@ def plot_deletion(curves: dict[str, DeletionCurve], path: Path) -> None:
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_patching(result: PatchingResult, tokens: Sequence[str], path: Path) -> None:
     """Heatmap [layers, positions] of the fraction of the clean logit difference recovered."""
     recovered = np.asarray(result.recovered)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * recovered.shape[1] + 2), 0.4 * recovered.shape[0] + 2))
+    fig = Figure(figsize=(max(5.0, 0.35 * recovered.shape[1] + 2), 0.4 * recovered.shape[0] + 2))
+    ax = fig.subplots()
     limit = max(1.0, float(np.nanmax(np.abs(recovered))))
     image = ax.imshow(recovered, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(tokens)), tokens, rotation=90 if len(tokens) > 20 else 0)
@@ -90,4 +88,3 @@ def plot_patching(result: PatchingResult, tokens: Sequence[str], path: Path) -> 
     fig.colorbar(image, ax=ax, label="fraction recovered")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

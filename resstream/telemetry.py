@@ -36,7 +36,7 @@ class MetricsLog:
         """Drop records past `step` (written after the checkpoint a run resumes from)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line, record in _parsed_lines(self.path) if record["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -61,17 +61,30 @@ class MetricsLog:
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (none if it does not exist), a torn line left out."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [record for _, record in _parsed_lines(path)] if path.exists() else []
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a JSONL log with its record, skipping lines that are not a whole record: a run killed
+    mid-write leaves a torn last line, and an append-only log is read up to it."""
+    parsed = []
+    for line in path.read_text(errors="replace").splitlines():  # a torn line may end inside a character
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            parsed.append((line, record))
+    return parsed
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write loss.png (train and validation loss), stream.png (per-layer write and stream norms
     over training) and gradients.png (per-layer gradient norm over training) into `run_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state is touched
 
     run_dir = Path(run_dir)
     records = read_log(run_dir)
@@ -79,7 +92,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     val = [r for r in records if "val_loss" in r]
     written = []
     if train:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
         if val:
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
@@ -92,10 +106,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if layered:
         steps = [r["step"] for r in layered]
         names = [n for n in ("layer_resid_pre_norm", "layer_attn_out_norm", "layer_mlp_out_norm") if n in layered[0]]
-        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+        fig = Figure(figsize=(5 * len(names), 4))
+        axes = fig.subplots(1, len(names), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
             values = np.array([r[name] for r in layered])  # [records, n_layers]
-            colors = plt.cm.viridis(np.linspace(0, 1, values.shape[1]))
+            colors = colormaps["viridis"](np.linspace(0, 1, values.shape[1]))
             for layer in range(values.shape[1]):
                 ax.plot(steps, values[:, layer], color=colors[layer], label=f"layer {layer}")
             ax.set(
@@ -110,8 +125,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     graded = [r for r in train if "layer_grad_norm" in r]
     if graded:
         values = np.array([r["layer_grad_norm"] for r in graded])
-        fig, ax = plt.subplots(figsize=(7, 4))
-        colors = plt.cm.viridis(np.linspace(0, 1, values.shape[1]))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        colors = colormaps["viridis"](np.linspace(0, 1, values.shape[1]))
         for layer in range(values.shape[1]):
             ax.plot([r["step"] for r in graded], values[:, layer], color=colors[layer], label=f"layer {layer}")
         ax.set(xlabel="step", ylabel="gradient L2 norm", yscale="log", title="Gradient norm by layer")
@@ -122,9 +138,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_opt
 
 import functools
 import itertools
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 from flax import nnx
 
 from resstream import ModelConfig, Transformer
+from resstream.cli import base_config
+from resstream.data import STDLIB, load_documents
 
 TINY = dict(vocab_size=61, n_layers=3, d_model=32, n_heads=4, n_ctx=16)
 BATCH, SEQ = 2, 12
@@ -110,3 +113,36 @@ def arch(request) -> dict:
 @pytest.fixture(params=sample(), ids=grid_id)
 def sampled_arch(request) -> dict:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def corpus_slice(tmp_path_factory) -> Path:
+    """~400 kB of the default corpus (standard-library sources), as local text files."""
+    directory = tmp_path_factory.mktemp("corpus")
+    size = 0
+    for i, text in enumerate(load_documents(STDLIB, "train")["text"]):
+        (directory / f"doc{i:04d}.txt").write_text(text)
+        size += len(text.encode())
+        if size > 400_000:
+            break
+    return directory
+
+
+def tiny_config(corpus: Path, tmp_path: Path, **train):
+    config = base_config()
+    config.model.update(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_ctx=32)
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    config.data.update(source=str(corpus), cache_dir=str(tmp_path / "cache"), validation_fraction=0.1)
+    config.train.update(
+        steps=40,
+        batch_size=8,
+        log_every=1,
+        eval_every=20,
+        eval_batches=2,
+        checkpoint_every=10,
+        progress=False,
+        tensorboard=False,
+        sample_tokens=16,
+    )
+    config.train.update(**train)
+    return config

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from conftest import TINY, built, max_rel_err, randomize
-from resstream import ModelConfig, Transformer
+from resstream import ModelConfig, TokenError, Transformer
 from resstream import analysis as A  # noqa: N812  (the short name reads better in tests)
 
 
@@ -187,3 +187,105 @@ def test_errors_name_the_valid_choices():
         A.neuron_results(full_model, plain, 0)
     with pytest.raises(KeyError, match="no row 'L9H0'"):
         A.head_results(full_model, plain, 0)["L9H0"]
+
+
+def test_out_of_range_token_ids_raise():
+    """JAX gathers clamp: id 300 of a 61-token vocabulary would silently read token 60's column."""
+    model, tokens, _logits, cache = built(**{})
+    for bad in (300, 61, -1):
+        with pytest.raises(TokenError, match=rf"token id {bad} is outside the vocabulary \[0, 61\)"):
+            A.logit_attrs(model, cache, bad)
+    with pytest.raises(TokenError, match=r"token id -1 .*`incorrect_tokens`.*not Python indices"):
+        A.logit_attrs(model, cache, tokens, incorrect_tokens=-1)
+    with pytest.raises(TokenError, match=r"token id 61 .*`tokens` holds it \(at index \[1, 4\]\)"):
+        A.logit_attrs(model, cache, tokens.at[1, 4].set(61), pos=0)  # checked even where not selected
+
+
+def test_out_of_range_pos_and_batch_raise():
+    """An int, or any entry of an index array, outside -n..n-1 raises instead of reading the last
+    row; in-range negative indices still count from the end, and slices keep Python semantics."""
+    model, tokens, _logits, cache = built(**{})
+    calls = {
+        "logit_attrs": lambda **kw: A.logit_attrs(model, cache, tokens, **kw),
+        "decompose_logits": lambda **kw: A.decompose_logits(model, cache, **kw),
+        "decompose_resid": lambda **kw: A.decompose_resid(model, cache, 1, **kw),
+        "logit_lens": lambda **kw: A.logit_lens(model, cache, **kw),
+        "accumulated_resid": lambda **kw: A.accumulated_resid(model, cache, **kw),
+        "head_results": lambda **kw: A.head_results(model, cache, 0, **kw),
+    }
+    positions = r"the cache holds 12 positions \(0\.\.11, or -12\.\.-1 from the end\)"
+    sequences = r"the cache holds 2 sequences \(0\.\.1, or -2\.\.-1 from the end\)"
+    cases = [
+        (dict(pos=99), rf"pos=99 is out of range: {positions}"),
+        (dict(pos=-99), rf"pos=-99 is out of range: {positions}"),
+        (dict(pos=12), r"pos=12 is out of range"),
+        (dict(pos=-13), r"pos=-13 is out of range"),
+        (dict(batch=5), rf"batch=5 is out of range: {sequences}"),
+        (dict(batch=-3, pos=0), r"batch=-3 is out of range"),
+        (dict(pos=jnp.array([0, 12, 99])), rf"pos entry 12 \(at index \[1\]\) is out of range: {positions}"),
+        (dict(batch=np.array([[0], [-3]])), r"batch entry -3 \(at index \[1, 0\]\) is out of range"),
+        (dict(batch=[1, 2]), r"batch entry 2 \(at index \[1\]\) is out of range"),
+    ]
+    for name, call in calls.items():
+        for kwargs, message in cases:
+            with pytest.raises(IndexError, match=message):
+                call(**kwargs)
+                pytest.fail(f"{name}(**{kwargs}) did not raise")
+    # the bounds themselves are valid and count from the end
+    lo = A.logit_attrs(model, cache, tokens, pos=-12, batch=-2, split_heads=True).values
+    np.testing.assert_array_equal(lo, A.logit_attrs(model, cache, tokens, pos=0, batch=0, split_heads=True).values)
+    hi = A.decompose_resid(model, cache, 1, pos=jnp.array([-1, 11]), batch=slice(-5, 9))
+    np.testing.assert_array_equal(hi.values[:, :, 0], hi.values[:, :, 1])
+    np.testing.assert_array_equal(hi.values, A.decompose_resid(model, cache, 1, pos=jnp.array([11, 11])).values)
+
+
+def test_traced_out_of_range_indices_give_nan_rows_inside_jit():
+    """Inside a user's jit the indices cannot raise: a bad position, sequence or token id gives NaN
+    in exactly its rows (never another row's values), and the good entries are unchanged."""
+    model, tokens, _logits, cache = built(**{})
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def attrs(state, cache, targets, incorrect, pos, batch):
+        return A.logit_attrs(nnx.merge(graphdef, state), cache, targets, incorrect, pos=pos, batch=batch).values
+
+    targets = jnp.roll(tokens, -1, axis=1)
+    bad_targets = targets.at[0, 3].set(61).at[1, 5].set(-1)
+    bad_incorrect = jnp.full_like(tokens, 7).at[1, 2].set(-61)
+    pos, batch = jnp.array([3, 12, -1, -13, 5, 2]), jnp.array([0, 2, -1, -3])
+    got = np.asarray(attrs(state, cache, bad_targets, bad_incorrect, pos, batch))
+    good_pos = jnp.where((pos >= -12) & (pos < 12), pos, 0)
+    good_batch = jnp.where((batch >= -2) & (batch < 2), batch, 0)
+    expected = np.asarray(
+        A.logit_attrs(model, cache, targets, jnp.full_like(tokens, 7), pos=good_pos, batch=good_batch).values
+    )
+    nan = np.zeros(got.shape[1:], bool)
+    nan[:, [1, 3]] = True  # positions 12 and -13
+    nan[[1, 3], :] = True  # sequences 2 and -3
+    nan[0, 0] = True  # sequence 0, position 3: target id 61
+    nan[2, 4] = True  # sequence -1, position 5: target id -1 (not wrapped to the last token)
+    nan[2, 5] = True  # sequence -1, position 2: incorrect id -61
+    assert np.isnan(got[:, nan]).all()
+    np.testing.assert_array_equal(got[:, ~nan], expected[:, ~nan])
+
+    @jax.jit
+    def logits(state, cache, pos, batch):
+        return A.decompose_logits(nnx.merge(graphdef, state), cache, split_heads=True, pos=pos, batch=batch).values
+
+    # every row NaN, the bias rows (b_O, final bias) that never read the cache included
+    got = np.asarray(logits(state, cache, jnp.array([99, 4]), jnp.array(-1)))
+    assert np.isnan(got[:, 0]).all() and not np.isnan(got[:, 1]).any()
+    expected = A.decompose_logits(model, cache, split_heads=True, pos=jnp.array([0, 4]), batch=jnp.array(-1)).values
+    np.testing.assert_array_equal(got[:, 1], expected[:, 1])
+    assert np.isnan(logits(state, cache, jnp.array([0, 4]), jnp.array(2))).all()
+
+
+def test_static_out_of_range_indices_raise_inside_jit():
+    """A Python int is known at trace time, so it raises inside a user's jit too."""
+    model, _tokens, _logits, cache = built(**{})
+    with pytest.raises(IndexError, match=r"pos=99 is out of range: the cache holds 12 positions"):
+        jax.jit(lambda cache: A.logit_attrs(model, cache, 3, pos=99).values)(cache)
+    with pytest.raises(IndexError, match=r"batch=-3 is out of range"):
+        jax.jit(lambda cache: A.logit_lens(model, cache, batch=-3).values)(cache)
+    with pytest.raises(TokenError, match=r"token id 300 is outside the vocabulary \[0, 61\)"):
+        jax.jit(lambda cache: A.logit_attrs(model, cache, 300).values)(cache)

@@ -3,6 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from resstream.cli import main, train_main
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,16 +57,89 @@ def test_train_command_with_overrides_then_sample(tmp_path):
     assert unknown.returncode != 0 and "invalid choice: 'neurons'" in unknown.stderr
 
 
-def test_bad_config_and_overrides_are_reported(tmp_path):
-    missing = run("--config", "configs/missing.py")
-    assert missing.returncode != 0 and "configs/missing.py" in missing.stderr
-    unknown = run("--config", "configs/tiny.py", "--config.model.n_layer=3")
-    assert unknown.returncode != 0 and "n_layer" in unknown.stderr
-    invalid = run("--config", "configs/tiny.py", "--config.model.norm=batchnorm", f"--run_dir={tmp_path / 'a'}")
-    assert invalid.returncode == 1 and "error: norm='batchnorm' is not supported" in invalid.stderr
-    no_data = run(
-        "--config", "configs/tiny.py", "--config.data.source=nowhere/corpus.txt", f"--run_dir={tmp_path / 'b'}"
+def test_train_py_help_and_a_typo_from_the_shell():
+    help_text = run("--help")
+    assert help_text.returncode == 0 and "--config.train.steps=1600" in help_text.stdout
+    assert "--config.model.n_layers=4" in help_text.stdout and "--run_dir DIR" in help_text.stdout
+    typo = run("--config", "configs/tiny.py", "--config.model.n_layer=3")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert typo.stderr.splitlines()[0] == (
+        "error: --config.model.n_layer: model has no field 'n_layer' in configs/tiny.py (did you mean \"n_layers\"?)"
     )
-    assert no_data.returncode == 1 and "error: data file nowhere/corpus.txt not found" in no_data.stderr
-    not_a_run = run("sample", str(tmp_path), module=True)
-    assert not_a_run.returncode != 0 and "is not a run directory" in not_a_run.stderr
+
+
+def train_error(capsys, *args: str, code: int = 2) -> str:
+    """The one `error:` line that train.py prints for a mistake on its command line."""
+    with pytest.raises(SystemExit) as exited:
+        train_main(["train.py", *args])
+    assert exited.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ") and len(err.strip().splitlines()) <= 2, err
+    return err.splitlines()[0]
+
+
+def test_train_command_line_mistakes_are_one_line_each(tmp_path, capsys):
+    tiny = str(ROOT / "configs" / "tiny.py")
+    missing = str(ROOT / "configs" / "missing.py")
+    assert train_error(capsys, "--config", missing) == (
+        f"error: config file {missing} not found: pass an existing file, such as configs/default.py"
+    )
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n    pass\n")
+    assert train_error(capsys, f"--config={broken}").startswith(f"error: config file {broken} line 1: ")
+    assert train_error(capsys, "--config", tiny, "--config.trian.steps=3") == (
+        f"error: --config.trian.steps: the config has no field 'trian' in {tiny} (did you mean \"train\"?)"
+    )
+    assert "--config.train.steps=abc: invalid literal for int()" in train_error(
+        capsys, "--config", tiny, "--config.train.steps=abc"
+    )
+    assert "unexpected arguments ['steps=3']" in train_error(capsys, "--config", tiny, "steps=3")
+    invalid = train_error(capsys, "--config", tiny, "--config.model.norm=batchnorm", code=1)
+    assert invalid.startswith("error: norm='batchnorm' is not supported")
+    (tmp_path / "a_file").write_text("")
+    assert train_error(capsys, "--config", tiny, f"--run_dir={tmp_path / 'a_file'}", code=1) == (
+        f"error: --run_dir {tmp_path / 'a_file'} is a file, not a directory: name a directory (it is created if "
+        "missing)"
+    )
+    no_data = train_error(capsys, "--config", tiny, "--config.data.source=nowhere/corpus.txt", code=1)
+    assert no_data.startswith("error: data file nowhere/corpus.txt not found")
+
+
+def test_sample_options_are_checked_before_anything_is_loaded(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"vocab_size": 256}}))
+    for args, message in [
+        (["--temperature", "-1"], "temperature must be 0 (greedy) or positive, got -1.0"),
+        (["--top_k", "0"], "top_k must be between 1 and the vocabulary size 256, got 0"),
+        (["--top_k", "257"], "top_k must be between 1 and the vocabulary size 256, got 257"),
+        (["--prompt", ""], "--prompt is empty: give at least one character for the model to continue"),
+        (["--num_samples", "0"], "--num_samples must be at least 1, got 0"),
+        (["--tokens", "-5"], "tokens to generate must be 0 or more, got -5"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(["sample", str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and f"error: {message}" in err, err
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", str(tmp_path / "nothing")])
+    assert exited.value.code == 2 and "nothing is not a run directory (no config.json)" in capsys.readouterr().err
+
+
+def test_importing_and_plotting_change_no_global_state(tmp_path):
+    """A notebook user's logging and matplotlib backend are theirs: resstream sets neither."""
+    script = f"""
+import logging, sys
+import matplotlib
+def backend():  # the setting as it stands (matplotlib.get_backend() would itself resolve it, via pyplot)
+    return dict.__getitem__(matplotlib.rcParams, "backend")
+before, absl_level = backend(), logging.getLogger("absl").level
+import resstream, resstream.checkpoint, resstream.cli, resstream.loop, resstream.study_report, resstream.telemetry
+from resstream.telemetry import MetricsLog, plot_run
+log = MetricsLog({str(tmp_path)!r}, tensorboard=False)
+log.write({{"step": 1, "loss": 2.0, "layer_resid_pre_norm": [1.0, 2.0], "layer_grad_norm": [0.1, 0.2]}})
+assert [p.name for p in plot_run({str(tmp_path)!r})] == ["loss.png", "stream.png", "gradients.png"]
+assert backend() == before, (backend(), before)
+assert logging.getLogger("absl").level == absl_level
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

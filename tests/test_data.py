@@ -1,9 +1,11 @@
 import json
+import logging
 import re
 
 import numpy as np
 import pytest
 
+from resstream import data
 from resstream.data import (
     STDLIB,
     ByteTokenizer,
@@ -14,6 +16,22 @@ from resstream.data import (
     stdlib_files,
     tokenized_corpus,
 )
+
+
+@pytest.fixture
+def notes():
+    """The messages of the "resstream" logger, caught by a handler of its own: the CLI may stop them
+    from reaching the root logger, where caplog listens."""
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    messages: list[str] = []
+    logger, handler = logging.getLogger("resstream"), Catch()
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
 
 
 def test_byte_tokenizer_round_trips_unicode():
@@ -117,3 +135,90 @@ def test_bad_data_gets_clear_errors(tmp_path):
         Sampler(np.zeros(50), seq_len=10, batch_size=8, seed=0, name="tiny corpus")
     with pytest.raises(DataError, match="choose one of \\['train', 'validation'\\]"):
         load_documents(STDLIB, "test")
+
+
+def test_a_single_text_file_is_split_at_a_line_boundary(tmp_path, notes):
+    corpus = tmp_path / "corpus.txt"
+    text = "".join(f"line {i}\n" for i in range(40))
+    corpus.write_text(text)
+    train = tokenized_corpus(str(corpus), "train", tmp_path / "cache")
+    validation = tokenized_corpus(str(corpus), "validation", tmp_path / "cache")
+    assert bytes(validation) == b"line 38\nline 39\n" and bytes(train) + bytes(validation) == text.encode()
+    assert notes == [
+        f"data: {corpus} is a single document: split by line, the last 2 of 40 lines (5.0%) held out for validation"
+    ]
+    record = tmp_path / "record.jsonl"  # one record is one document too
+    record.write_text(json.dumps({"text": "first\nsecond\nthird"}) + "\n")
+    assert load_documents(str(record), "validation")["text"] == ["third"]
+    assert load_documents(str(record), "train")["text"] == ["first\nsecond\n"]
+    (tmp_path / "one.txt").write_text("a single line, however long\n")
+    with pytest.raises(DataError, match=re.escape("one.txt is too small to split into train and validation")) as err:
+        load_documents(str(tmp_path / "one.txt"), "train")
+    assert "add text (2 lines at least), or pass a directory of files" in str(err.value)
+
+
+def test_few_documents_or_files_are_split_by_position(tmp_path, notes):
+    corpus = tmp_path / "three.jsonl"  # at a fraction of 0.02 no document's hash falls in validation
+    corpus.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)))
+    assert load_documents(str(corpus), "train", validation_fraction=0.02)["text"] == ["doc 0", "doc 1"]
+    assert load_documents(str(corpus), "validation", validation_fraction=0.02)["text"] == ["doc 2"]
+    files = tmp_path / "files"  # nor does any of these files' names at 0.05
+    files.mkdir()
+    for name in ("a", "b", "c"):
+        (files / f"{name}.txt").write_text(f"text of {name}\n")
+    assert load_documents(str(files), "train")["text"] == ["text of a\n", "text of b\n"]
+    assert load_documents(str(files), "validation")["text"] == ["text of c\n"]
+    assert notes == [
+        f"data: hashing the 3 documents of {corpus} left the validation split empty: split by position instead, "
+        "the last 1 of 3 documents held out for validation",
+        f"data: hashing the 3 files of {files} left the validation split empty: split by position instead, "
+        "the last 1 of 3 files held out for validation",
+    ]
+
+
+def test_bad_json_files_get_clear_errors_and_leave_nothing_in_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "hello"}\n{"text": "ok \xff bad"}\n')
+    message = f"{bad} is not UTF-8 text: byte 0xff at offset 31 (line 2) is not valid UTF-8; convert it to UTF-8"
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        tokenized_corpus(str(bad), "train", cache)
+    assert isinstance(err.value.__cause__, UnicodeDecodeError)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=re.escape(f"{empty} holds no records: add records with a 'text' field")):
+        tokenized_corpus(str(empty), "train", cache)
+    assert not list(cache.iterdir())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64])
+def test_utf8_check_finds_the_first_bad_byte_across_chunks(tmp_path, chunk_size):
+    path = tmp_path / "text.jsonl"
+    path.write_bytes("é\n".encode() * 5 + b"\xff")  # two-byte characters cut by small chunks
+    with pytest.raises(DataError, match=re.escape("byte 0xff at offset 15 (line 6)")):
+        data._scan_text_file(path, chunk_size=chunk_size)
+    path.write_bytes(b" \n\t")
+    assert not data._scan_text_file(path, chunk_size=chunk_size)
+
+
+def test_a_failure_while_tokenizing_leaves_no_partial_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Parquet strings are not checked for UTF-8 on writing or loading, only when a row is read.
+    offsets = pa.py_buffer(np.array([0, 2, 5], dtype=np.int32).tobytes())
+    texts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"okb\xffd")])
+    source = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": texts}), source)
+    message = f"the train split of {source} holds text that is not UTF-8 (byte 0xff at offset 1 of a document)"
+    with pytest.raises(DataError, match=re.escape(message)):
+        tokenized_corpus(str(source), "train", tmp_path / "cache")  # the second document, by hash
+
+    class Failing(ByteTokenizer):
+        def encode(self, text):
+            raise OSError("disk full")
+
+    (tmp_path / "corpus.txt").write_text("one\ntwo\n")
+    with pytest.raises(OSError, match="disk full"):
+        tokenized_corpus(str(tmp_path / "corpus.txt"), "train", tmp_path / "cache", tokenizer=Failing())
+    assert not list((tmp_path / "cache").iterdir())

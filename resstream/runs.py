@@ -1,0 +1,54 @@
+"""A trained run directory (made by train.py): its config and its model at a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run's config.json as a dict, or a ValueError saying why there is none."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except FileNotFoundError as err:
+        raise ValueError(f"{run_dir} is not a run directory (no config.json): train one with python train.py") from err
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, Any]:
+    """(config, model with the run's checkpoint at `step`, default the latest) of a run directory.
+    Raises CheckpointError when it is not a run, or its checkpoint cannot be used; a corrupt
+    checkpoint's error names the newest intact one."""
+    from flax import nnx
+
+    from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
+    from resstream.loop import model_config, optimizer_config
+    from resstream.model import Transformer
+    from resstream.train import init_state, make_optimizer
+
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.json): train one with python train.py")
+    try:
+        config = ConfigDict(json.loads(config_file.read_text()))
+    except ValueError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err}): the run's config is damaged") from err
+    cfg = model_config(config)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    _, abstract = init_state(model, make_optimizer(optimizer_config(config)), 0)
+    with Checkpoints(Path(run_dir) / "checkpoints") as checkpoints:
+        try:
+            state, _ = checkpoints.restore(abstract, cfg, step)
+        except CorruptCheckpointError as err:
+            intact = checkpoints.newest_intact(abstract, cfg, before=err.step)
+            if intact is None:
+                raise
+            raise CorruptCheckpointError(
+                f"{err}. The newest intact checkpoint is step {intact[0]}: load it with --step {intact[0]} "
+                f"(load_run(run_dir, step={intact[0]}))",
+                err.step,
+            ) from err
+    nnx.update(model, state.params)
+    return config, model
