@@ -58,8 +58,8 @@ class Labelled:
     def __getitem__(self, label: str) -> jax.Array:
         try:
             return self.values[self.labels.index(label)]
-        except ValueError:
-            raise KeyError(f"no row {label!r}; rows are {list(self.labels)}") from None
+        except ValueError as err:
+            raise KeyError(f"no row {label!r}; rows are {list(self.labels)}") from err
 
     def sum(self) -> jax.Array:
         return jnp.sum(self.values, axis=0)

@@ -126,10 +126,8 @@ def run_patched(
     if positions is not None:
         try:
             mask[np.asarray(positions)] = True
-        except IndexError:
-            raise AblationError(
-                f"positions {positions} out of range: the prompts have positions 0..{seq - 1}"
-            ) from None
+        except IndexError as err:
+            raise AblationError(f"positions {positions} out of range: the prompts have positions 0..{seq - 1}") from err
     out, _, _ = _run(model, clean, corrupted, np.array([layer]), mask[None], _identity, (), None)
     return out[0]
 

@@ -8,6 +8,7 @@ import os
 # tiny models (about 40% of the suite). Set before JAX starts; a caller's XLA_FLAGS are kept.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+
 import functools
 import itertools
 from pathlib import Path
@@ -20,6 +21,16 @@ from flax import nnx
 from resstream import ModelConfig, Transformer
 from resstream.cli import base_config
 from resstream.data import STDLIB, load_documents
+
+
+def xla_env(devices: int | None = None) -> dict[str, str]:
+    """The environment for a subprocess: this one's XLA_FLAGS (the optimisation level above) with
+    `devices` CPU devices, or XLA's default of one when None."""
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
 
 TINY = dict(vocab_size=61, n_layers=3, d_model=32, n_heads=4, n_ctx=16)
 BATCH, SEQ = 2, 12

@@ -10,12 +10,12 @@ from resstream.cli import main, train_main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str, module: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "resstream", *args] if module else [sys.executable, "train.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(*args: str) -> subprocess.CompletedProcess:
+    """train.py as a user runs it, from the shell."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_train_command_with_overrides_then_sample(tmp_path):
+def test_train_command_with_overrides_then_sample(corpus_slice, tmp_path, capsys):
     result = run(
         "--config",
         "configs/tiny.py",
@@ -25,25 +25,24 @@ def test_train_command_with_overrides_then_sample(tmp_path):
         "--config.train.checkpoint_every=15",
         "--config.train.progress=False",
         "--config.model.norm=rmsnorm",
+        f"--config.data.source={corpus_slice}",
         f"--config.data.cache_dir={tmp_path / 'cache'}",
     )
     assert result.returncode == 0, result.stderr
     assert '"status": "completed"' in result.stdout
     assert '"norm": "rmsnorm"' in (tmp_path / "run" / "config.json").read_text()
-    sample = run(
-        "sample", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "20", "--temperature", "0", module=True
-    )
-    assert sample.returncode == 0, sample.stderr
-    assert sample.stdout.startswith("import ")
+    capsys.readouterr()
+    main(["sample", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "20", "--temperature", "0"])
+    assert capsys.readouterr().out.startswith("import ")
 
     out = tmp_path / "ablation"
-    study = run(
+    main([
         "ablate", "--checkpoint", str(tmp_path / "run"), "--method", "mean", "--batch_size", "4", "--seq", "32",
         "--mean_batches", "2", "--deletion", "--draws", "2", "--patch", "--clean", "ab = a", "--corrupted", "ab = b",
-        "--answer", "b", "--wrong", "a", "--out", str(out), module=True,
-    )  # fmt: skip
-    assert study.returncode == 0, study.stderr
-    assert "mean ablation, baseline loss" in study.stdout and "layer deletion" in study.stdout
+        "--answer", "b", "--wrong", "a", "--out", str(out),
+    ])  # fmt: skip
+    study = capsys.readouterr().out
+    assert "mean ablation, baseline loss" in study and "layer deletion" in study
     sweep = json.loads((out / "sweep.json").read_text())
     assert [r["component"] for r in sweep["rows"]] == ["0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
     assert len((out / "sweep.csv").read_text().splitlines()) == 5
@@ -53,8 +52,9 @@ def test_train_command_with_overrides_then_sample(tmp_path):
     assert len(patching["rows"]) == 2 * len("ab = a")
     for picture in ("sweep.png", "deletion.png", "patching.png"):
         assert (out / picture).read_bytes()[:4] == b"\x89PNG"
-    unknown = run("ablate", "--checkpoint", str(tmp_path / "run"), "--granularity", "neurons", module=True)
-    assert unknown.returncode != 0 and "invalid choice: 'neurons'" in unknown.stderr
+    with pytest.raises(SystemExit) as unknown:
+        main(["ablate", "--checkpoint", str(tmp_path / "run"), "--granularity", "neurons"])
+    assert unknown.value.code == 2 and "invalid choice: 'neurons'" in capsys.readouterr().err
 
 
 def test_train_py_help_and_a_typo_from_the_shell():

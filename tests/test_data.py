@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from resstream import data
+from resstream import corpus
 from resstream.data import (
     STDLIB,
     ByteTokenizer,
@@ -196,9 +196,9 @@ def test_utf8_check_finds_the_first_bad_byte_across_chunks(tmp_path, chunk_size)
     path = tmp_path / "text.jsonl"
     path.write_bytes("é\n".encode() * 5 + b"\xff")  # two-byte characters cut by small chunks
     with pytest.raises(DataError, match=re.escape("byte 0xff at offset 15 (line 6)")):
-        data._scan_text_file(path, chunk_size=chunk_size)
+        corpus._scan_text_file(path, chunk_size=chunk_size)
     path.write_bytes(b" \n\t")
-    assert not data._scan_text_file(path, chunk_size=chunk_size)
+    assert not corpus._scan_text_file(path, chunk_size=chunk_size)
 
 
 def test_a_failure_while_tokenizing_leaves_no_partial_file(tmp_path):

@@ -15,7 +15,7 @@ from conftest import tiny_config
 from resstream.checkpoint import Checkpoints, CorruptCheckpointError, checksums
 from resstream.config import ConfigError
 from resstream.loop import DivergenceError, run
-from resstream.run_lock import RunLockedError
+from resstream.run_lock import RunLock, RunLockedError
 from resstream.runs import load_run
 from resstream.telemetry import read_log
 
@@ -69,20 +69,15 @@ def test_a_refused_resume_changes_nothing(corpus_slice, finished, copy):
     load_run(copy)
 
 
-def test_a_finished_run_says_so_and_a_raised_step_count_goes_on(corpus_slice, finished, copy, capsys):
+def test_a_finished_run_run_again_says_so_and_changes_nothing(corpus_slice, finished, copy, capsys):
     before = snapshot(copy)
     again = run(config(corpus_slice, finished[1]), copy)
     assert again["status"] == "already complete" and again["step"] == 4
     assert "already complete: its latest checkpoint is step 4 and train.steps=4" in capsys.readouterr().out
     assert snapshot(copy) == before
-    with (copy / "metrics.jsonl").open("a") as log:  # a crash mid-write leaves a torn last line
-        log.write('{"step": 5, "loss": 2.')
-    more = run(config(corpus_slice, finished[1], steps=6), copy)
-    assert more["status"] == "completed" and more["step"] == 6
-    assert [r["step"] for r in read_log(copy) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_second_process_is_refused_and_a_dead_ones_lock_is_not_in_the_way(corpus_slice, finished, copy):
+def test_a_second_process_is_refused_and_a_dead_ones_lock_does_not_block_the_resume(corpus_slice, finished, copy):
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from resstream.run_lock import RunLock\nwith RunLock({str(copy)!r}):\n"
          "    print('locked', flush=True)\n    import time; time.sleep(600)"],
@@ -98,7 +93,11 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_is_not_in_the_way(corp
         holder.send_signal(signal.SIGKILL)  # dies holding the lock; its lock file stays behind
         holder.wait()
     assert (copy / ".lock").exists()
-    assert run(config(corpus_slice, finished[1], steps=6), copy)["step"] == 6
+    with (copy / "metrics.jsonl").open("a") as log:  # as if it crashed mid-write: a torn last line
+        log.write('{"step": 5, "loss": 2.')
+    more = run(config(corpus_slice, finished[1], steps=6), copy)  # steps raised: the run goes on
+    assert more["status"] == "completed" and more["step"] == 6
+    assert [r["step"] for r in read_log(copy) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert not (copy / ".lock").exists()
 
 
@@ -167,6 +166,5 @@ def test_a_failed_run_closes_what_it_opened(corpus_slice, tmp_path):
     with pytest.raises(DivergenceError):
         run(config(corpus_slice, tmp_path, steps=6, debug_nan_step=3), tmp_path / "run")
     assert not (tmp_path / "run" / ".lock").exists()
-    with Checkpoints(tmp_path / "run" / "checkpoints") as checkpoints:
-        assert checkpoints.all_steps() == [2]
-    assert run(config(corpus_slice, tmp_path, steps=4), tmp_path / "run")["step"] == 4
+    with RunLock(tmp_path / "run"), Checkpoints(tmp_path / "run" / "checkpoints") as checkpoints:
+        assert checkpoints.all_steps() == [2]  # an unreleased lock would raise RunLockedError here

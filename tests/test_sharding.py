@@ -2,7 +2,6 @@
 their own: the device count is fixed when JAX starts)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import xla_env
 from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
 from resstream.checkpoint import Checkpoints
@@ -19,7 +19,7 @@ from resstream.config import ConfigError
 from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
 
 HERE = Path(__file__).resolve().parent
-EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = xla_env(devices=8)
 
 
 def _eight_devices(script: str, *args: str) -> dict:
@@ -32,7 +32,7 @@ def _eight_devices(script: str, *args: str) -> dict:
 
 
 def test_sharded_train_steps_equal_the_single_device_steps():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = EIGHT_DEVICES
     result = subprocess.run(
         [sys.executable, str(HERE / "sharded_steps.py"), "layernorm"],
         capture_output=True,

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, xla_env
 from resstream.checkpoint import CheckpointError, Checkpoints
 from resstream.cli import base_config
 from resstream.loop import DivergenceError, run
@@ -193,7 +193,7 @@ def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, s
     run on one device."""
     overrides = _overrides(corpus_slice, tmp_path, steps=12, checkpoint_every=6)
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = xla_env(devices=8)
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'eight'}"]
     eight = subprocess.run(
         [*command, *overrides, *mesh], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
@@ -220,7 +220,7 @@ def test_two_hosts_run_train_py_like_one(corpus_slice, single_device_run, tmp_pa
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device per process
+    env = xla_env(devices=None)  # one device per process
     command = [sys.executable, "train.py", "--config", "configs/tiny.py", f"--run_dir={tmp_path / 'two'}",
                *_overrides(corpus_slice, tmp_path, 12, 6), "--config.distributed=True"]  # fmt: skip
     hosts = [
