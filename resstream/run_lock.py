@@ -7,12 +7,17 @@ the holder's pid and host, so a refused second process can say who holds it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("resstream")
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 class RunLockedError(RuntimeError):
@@ -39,6 +44,13 @@ class RunLock:
                     f"{self.path.parent} is in use by another training process ({holder}): wait for it to "
                     "finish or stop it, or train into another --run_dir"
                 ) from err
+            except OSError as err:  # some network filesystems have no flock: run unlocked, and say so
+                if err.errno not in _NO_LOCKS:
+                    raise
+                handle.close()
+                self.path.unlink(missing_ok=True)
+                log.warning(f"{self.path.parent} cannot be locked ({err.strerror}): nothing stops a second run there")
+                return self
             # The holder before us may have removed the file between our open and our lock: then we
             # hold a lock on a file nobody else will see, so try again on the current one.
             if self.path.exists() and os.path.samestat(os.fstat(handle.fileno()), self.path.stat()):
@@ -52,6 +64,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._file is None:  # not locked (a filesystem without flock)
+            return
         self.path.unlink(missing_ok=True)  # before unlocking: a waiting process then retries on a new file
         self._file.close()
         self._file = None

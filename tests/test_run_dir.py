@@ -101,6 +101,27 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_does_not_block_the_res
     assert not (copy / ".lock").exists()
 
 
+def test_a_filesystem_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import logging
+
+    def no_flock(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    notes = []
+    handler = logging.Handler()
+    handler.emit = lambda record: notes.append(record.getMessage())
+    logging.getLogger("resstream").addHandler(handler)
+    try:
+        with RunLock(tmp_path):
+            assert not (tmp_path / ".lock").exists()
+    finally:
+        logging.getLogger("resstream").removeHandler(handler)
+    assert notes == [f"{tmp_path} cannot be locked (No locks available): nothing stops a second run there"]
+
+
 def test_a_corrupt_checkpoint_is_refused_naming_the_newest_intact_one(corpus_slice, finished, copy):
     flip_bytes(copy / "checkpoints" / "4")
     before = snapshot(copy)
