@@ -15,6 +15,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_command_with_overrides_then_sample(corpus_slice, tmp_path, capsys):
     result = run(
         "--config",

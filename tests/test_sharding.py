@@ -31,6 +31,7 @@ def _eight_devices(script: str, *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sharded_train_steps_equal_the_single_device_steps():
     env = EIGHT_DEVICES
     result = subprocess.run(
@@ -63,6 +64,7 @@ def test_mesh_sizes_must_match_the_devices():
         S.make_mesh(S.MeshConfig(data=-1, fsdp=-1), devices)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_8_devices_and_1(tmp_path):
     """Written under an 8-device FSDP mesh, restored onto 1 device bit for bit; and the other way."""
     config = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
@@ -88,6 +90,7 @@ def test_checkpoints_move_between_8_devices_and_1(tmp_path):
     assert back == {"equal": True, "W_Q": "P(None, None, 'fsdp', None)", "devices": 8}
 
 
+@pytest.mark.slow
 def test_analysis_sweeps_and_patching_run_on_a_sharded_model():
     """No code changes: a model whose parameters are sharded over 2 x 2 x 2 devices, fed tokens
     split over the batch, gives the one-device forward pass, cache, decomposition, logit lens,

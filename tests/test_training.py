@@ -188,6 +188,7 @@ def _final_params(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+@pytest.mark.slow
 def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, single_device_run, tmp_path):
     """train.py under data x fsdp x tensor = 2 x 2 x 2 on 8 CPU devices logs the losses of the same
     run on one device."""
@@ -209,6 +210,7 @@ def test_a_run_on_an_8_device_mesh_matches_the_single_device_run(corpus_slice, s
     assert bad.returncode == 1 and "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices" in bad.stderr
 
 
+@pytest.mark.slow
 def test_two_hosts_run_train_py_like_one(corpus_slice, single_device_run, tmp_path):
     """The multi-host path end to end: train.py with config.distributed=True as two real processes,
     joined by jax.distributed from the JAX_* variables over a loopback coordinator, one CPU device
