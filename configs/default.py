@@ -1,7 +1,7 @@
 """The default run: a 4-layer, d_model 128 byte-level model on the standard-library corpus, sized to
 train in about 5 minutes on a 2-core CPU."""
 
-from resstream.cli import base_config
+from resstream.config import base_config
 
 
 def get_config():

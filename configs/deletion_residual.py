@@ -2,7 +2,7 @@
 (about 2 minutes on a 2-core CPU). Pair it with configs/deletion_plain.py, the same model without
 residual connections, then compare `python -m resstream ablate RUN_DIR --deletion` of the two."""
 
-from resstream.cli import base_config
+from resstream.config import base_config
 
 
 def get_config():

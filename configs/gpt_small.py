@@ -1,7 +1,7 @@
 """A GPU/TPU-sized run: 12 layers, d_model 768, context 1024 (GPT-2 small's shape, byte-level),
 bf16 compute with float32 parameters and optimizer state."""
 
-from resstream.cli import base_config
+from resstream.config import base_config
 
 
 def get_config():

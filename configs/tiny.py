@@ -1,6 +1,6 @@
 """A tiny smoke run: 2 layers, d_model 32, context 64, a few hundred steps."""
 
-from resstream.cli import base_config
+from resstream.config import base_config
 
 
 def get_config():

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from ml_collections import ConfigDict, config_dict
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -152,3 +153,55 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"init_std must be positive, got {cfg.init_std}")
     if cfg.rotary_base <= 1:
         raise ConfigError(f"rotary_base must be greater than 1, got {cfg.rotary_base}")
+
+
+def base_config() -> ConfigDict:
+    """Every field a run reads, with defaults; the presets in configs/ change what they need."""
+    model = ModelConfig().to_dict()
+    model["d_head"] = config_dict.placeholder(int)
+    model["d_mlp"] = config_dict.placeholder(int)
+    return ConfigDict(
+        {
+            "run_dir": "runs/default",
+            # devices: data x fsdp x tensor (-1: the rest); see resstream/sharding.py
+            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            # join a multi-host job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+            # JAX_PROCESS_ID in the environment) with jax.distributed.initialize before anything else
+            "distributed": False,
+            "model": model,
+            "optimizer": {
+                "learning_rate": 1e-3,
+                "warmup_steps": 100,
+                "min_lr_ratio": 0.1,
+                "weight_decay": 0.1,
+                "b1": 0.9,
+                "b2": 0.95,
+                "grad_clip": 1.0,
+            },
+            "data": {
+                "source": "stdlib",
+                "text_column": "text",
+                "validation_fraction": 0.05,
+                "cache_dir": "runs/.token_cache",
+            },
+            "train": {
+                "steps": 1000,
+                "batch_size": 16,
+                "grad_accum": 1,
+                "seed": 0,
+                "log_every": 10,
+                "eval_every": 200,
+                "eval_batches": 8,
+                "checkpoint_every": 200,
+                "keep_last": 3,
+                "telemetry": True,
+                "tensorboard": True,
+                "progress": True,
+                "sample_tokens": 200,
+                # a corrupt latest checkpoint: False refuses to resume (naming the newest intact one);
+                # True moves the corrupt ones to run_dir/corrupt_checkpoints/ and resumes from it
+                "resume_intact": False,
+                "debug_nan_step": -1,
+            },
+        }
+    )

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from resstream import ModelConfig, Transformer
-from resstream.cli import base_config
+from resstream.config import base_config
 from resstream.data import STDLIB, load_documents
 
 

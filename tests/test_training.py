@@ -14,7 +14,7 @@ import pytest
 
 from conftest import tiny_config, xla_env
 from resstream.checkpoint import CheckpointError, Checkpoints
-from resstream.cli import base_config
+from resstream.config import base_config
 from resstream.loop import DivergenceError, run
 from resstream.telemetry import read_log
 
