@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict, config_dict
 
 NORMS = ("layernorm", "rmsnorm")
@@ -74,7 +75,7 @@ class ModelConfig:
                 f"positions='rotary' needs an even d_head, got d_head={self.d_head}: "
                 "choose d_model / n_heads even, set d_head to an even number, or use positions='learned'"
             )
-        if self.attention == "cudnn" and not (self.dtype != "float32" and self.d_head % 8 == 0 and self.d_head <= 128):
+        if self.attention == "cudnn" and not self.cudnn_fits:
             raise ConfigError(
                 f"attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to 128 "
                 f"(cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
@@ -92,6 +93,33 @@ class ModelConfig:
     @property
     def sublayers_per_layer(self) -> int:
         return 1 if self.attn_only else 2
+
+    @property
+    def n_sublayers(self) -> int:
+        """Sublayers in the model: the points where the stream is read and written."""
+        return self.n_layers * self.sublayers_per_layer
+
+    def sublayer(self, k: int) -> tuple[int, str]:
+        """Sublayer index k (0 .. n_sublayers - 1, in the order the stream meets them) -> (layer,
+        "attn" | "mlp")."""
+        if self.attn_only:
+            return k, "attn"
+        return k // 2, ("attn", "mlp")[k % 2]
+
+    @property
+    def cudnn_fits(self) -> bool:
+        """Whether cuDNN's fused attention takes this model's shapes: 16-bit compute and d_head a
+        multiple of 8, at most 128."""
+        return self.dtype in ("bfloat16", "float16") and self.d_head % 8 == 0 and self.d_head <= 128
+
+    def check_layer(self, layer: int, *, what: str = "layer", error: type[Exception] = IndexError) -> int:
+        """`layer` as an index 0..n_layers-1 (a negative one counts from the last layer, as in Python);
+        `error` (naming `what`) when the model has no such layer."""
+        if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+            raise error(f"{what}={layer!r} must be an integer layer index")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise error(f"{what}={layer} is out of range: the model has layers 0..{self.n_layers - 1}")
+        return int(layer) % self.n_layers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

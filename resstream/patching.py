@@ -31,7 +31,8 @@ class PatchingResult:
     """logit_diff [n_layers, seq]: the corrupted run's logit difference with the clean stream
     patched in at (layer, position); clean_diff, corrupted_diff: the unpatched runs' (scalars, mean
     over the batch). `recovered` = (patched - corrupted) / (clean - corrupted): 1 where the patch
-    restores the clean behaviour, 0 where it changes nothing."""
+    restores the clean behaviour, 0 where it changes nothing; NaN everywhere when the clean and
+    corrupted runs have the same logit difference, since there is then nothing to recover."""
 
     logit_diff: jax.Array
     clean_diff: jax.Array
@@ -39,7 +40,9 @@ class PatchingResult:
 
     @property
     def recovered(self) -> jax.Array:
-        return (self.logit_diff - self.corrupted_diff) / (self.clean_diff - self.corrupted_diff)
+        gap = self.clean_diff - self.corrupted_diff
+        safe = jnp.where(gap == 0, 1.0, gap)
+        return jnp.where(gap == 0, jnp.nan, (self.logit_diff - self.corrupted_diff) / safe)
 
 
 def _logit_diff(logits: jax.Array, answer: jax.Array, wrong: jax.Array) -> jax.Array:
