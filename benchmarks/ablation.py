@@ -24,7 +24,7 @@ import jax
 from flax import nnx
 from forward import SHAPES, config, time_interleaved
 
-from resstream import Transformer
+from resstream import Transformer, interventions
 from resstream import ablation as A  # noqa: N812
 
 
@@ -33,7 +33,7 @@ def measure(name: str, reps: int) -> dict:
     cfg = config(shape)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (shape["batch"], shape["seq"]), 0, cfg.vocab_size)
-    labels = A.component_labels(cfg, "sublayers")
+    labels = interventions.component_labels(cfg, "sublayers")
 
     def sweep():
         return A.ablation_sweep(model, tokens, "sublayers", direct=False).total

@@ -239,7 +239,7 @@ def _validation_batches(config: ConfigDict, seq: int, batch_size: int, n_batches
 
 def ablate_main(argv: list[str]) -> None:
     from resstream import ablation as A  # noqa: N812
-    from resstream import study_report
+    from resstream import interventions, study_report
 
     parser = argparse.ArgumentParser(
         prog="python -m resstream ablate",
@@ -249,8 +249,8 @@ def ablate_main(argv: list[str]) -> None:
     )
     add = parser.add_argument
     add("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory made by train.py")
-    add("--granularity", choices=A.GRANULARITIES, default="sublayers")
-    add("--method", choices=A.METHODS, default="zero")
+    add("--granularity", choices=interventions.GRANULARITIES, default="sublayers")
+    add("--method", choices=interventions.METHODS, default="zero")
     add("--batch_size", type=int, default=16)
     add("--seq", type=int, default=None, help="tokens per sequence (default: the model's context)")
     add("--mean_batches", type=int, default=8, help="validation batches the mean is taken over")
@@ -274,7 +274,7 @@ def ablate_main(argv: list[str]) -> None:
     tokens = batches[0]
     reference = None
     if args.method == "mean":
-        reference = A.mean_writes(model, batches[: args.mean_batches])
+        reference = interventions.mean_writes(model, batches[: args.mean_batches])
     elif args.method == "resample":
         reference = batches[1]
     table = A.ablation_sweep(model, tokens, args.granularity, method=args.method, reference=reference)
@@ -310,8 +310,8 @@ def _patch(model: Any, args: argparse.Namespace, out: Path) -> None:
     import numpy as np
 
     from resstream import patching, study_report
-    from resstream.ablation import AblationError
     from resstream.data import ByteTokenizer
+    from resstream.interventions import AblationError
 
     tokenizer = ByteTokenizer()
     clean, corrupted = tokenizer.encode(args.clean)[None], tokenizer.encode(args.corrupted)[None]
@@ -357,9 +357,9 @@ USAGE = (
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m resstream COMMAND ...`; a user's mistake ends in one `error:` line, exit status 1."""
-    from resstream.ablation import AblationError
     from resstream.checkpoint import CheckpointError
     from resstream.data import DataError
+    from resstream.interventions import AblationError
     from resstream.model import TokenError
 
     argv = sys.argv[1:] if argv is None else argv

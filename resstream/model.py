@@ -20,18 +20,21 @@ residual=False: the `x +` is dropped, each sublayer's output becomes the stream.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resstream.config import ConfigError, ModelConfig
+from resstream.config import SUBLAYER_NORM, ModelConfig
+from resstream.layers import MLP, Attention, Norm, dropout, normal_param, rotary_tables, zeros_param
 from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
-from resstream.stream import MODES, OPTIONAL_RECORDS, Ablation, Replacement, ResidualStream, token_norm
+from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream, token_norm
+
+if TYPE_CHECKING:
+    from resstream.interventions import Ablation, Replacement
 
 Cache = dict[str, jax.Array]
 
@@ -41,172 +44,6 @@ LAYER_RECORDS = frozenset({"attn_out", "mlp_out", "z", "ln1_scale", "ln2_scale",
 
 class TokenError(ValueError):
     """Token ids or sequence lengths that the model cannot take."""
-
-
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
-
-
-def _zeros(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape, dtype))
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class Norm(nnx.Module):
-    """LayerNorm ((x - mean) / scale * w + b) or RMSNorm (x / scale * w), computed in float32.
-
-    Returns the normalised activations and the scale [..., 1] that the exact decomposition freezes:
-    LayerNorm scale = sqrt(var(x) + eps), RMSNorm scale = sqrt(mean(x**2) + eps).
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        self.kind = cfg.norm
-        self.eps = cfg.norm_eps
-        self.dtype = cfg.compute_dtype
-        self.w = nnx.Param(jnp.ones((cfg.d_model,), cfg.params_dtype))
-        self.b = _zeros((cfg.d_model,), cfg.params_dtype) if cfg.norm == "layernorm" else None
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - jnp.mean(x, axis=-1, keepdims=True)
-        scale = jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        y = x / scale * self.w[...].astype(jnp.float32)
-        if self.b is not None:
-            y = y + self.b[...].astype(jnp.float32)
-        return y.astype(self.dtype), scale
-
-
-def rotary_tables(seq: int, d_head: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [seq, d_head] for GPT-NeoX-style rotary embeddings (rotate-half)."""
-    inv_freq = base ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)
-    angles = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]
-    angles = np.concatenate([angles, angles], axis=-1)
-    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
-
-
-def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [batch, seq, n_heads, d_head]; cos, sin [seq, d_head]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    """Causal multi-head attention with per-head weights."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        h, d, e, pdt = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
-        self.dtype = cfg.compute_dtype
-        self.implementation = attention_implementation(cfg)
-        self.W_Q = _normal(rngs, (h, d, e), cfg.init_std, pdt)
-        self.W_K = _normal(rngs, (h, d, e), cfg.init_std, pdt)
-        self.W_V = _normal(rngs, (h, d, e), cfg.init_std, pdt)
-        # GPT-2's scaled init of the projections that write to the stream.
-        self.W_O = _normal(rngs, (h, e, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
-        self.b_Q = _zeros((h, e), pdt)
-        self.b_K = _zeros((h, e), pdt)
-        self.b_V = _zeros((h, e), pdt)
-        self.b_O = _zeros((d,), pdt)
-
-    def __call__(
-        self,
-        x: jax.Array,
-        rope: tuple[jax.Array, jax.Array] | None,
-        want_pattern: bool,
-        edit_z: Callable[[jax.Array], jax.Array] | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """x [batch, seq, d_model] -> (attn_out [batch, seq, d_model],
-        z [batch, seq, n_heads, d_head], pattern [batch, n_heads, seq_q, seq_k] or None).
-        `edit_z` (head ablation) changes z before W_O."""
-        batch, seq, d_model = x.shape
-        dt = self.dtype
-        flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
-
-        def project(w: nnx.Param, b: nnx.Param) -> jax.Array:
-            y = jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)) + b[...].astype(dt)
-            y = constrain(y, BATCH_AXES, "tensor", None)  # heads split over the tensor axis
-            return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, n_heads, d_head]
-
-        q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
-        if rope is not None:
-            q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
-        # z always comes from jax.nn.dot_product_attention: cuDNN's fused (flash) attention on an
-        # NVIDIA GPU, XLA's elsewhere (on CPU as fast as a hand-written softmax that normalises z: 24 ms
-        # against 45 ms for one that normalises the weights, batch 8 x seq 256). The pattern, when
-        # recorded, is computed beside it for the record only, so recording cannot change the logits.
-        z = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation).astype(dt)
-        z = constrain(z, BATCH_AXES, None, "tensor", None)
-        pattern = _causal_pattern(q, k) if want_pattern else None
-        if edit_z is not None:
-            z = edit_z(z)
-        out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
-        out = constrain(out + self.b_O[...].astype(dt), BATCH_AXES, None)
-        return out.reshape(batch, seq, d_model), z, pattern
-
-
-def attention_implementation(cfg: ModelConfig, device: Any = None) -> str:
-    """The `jax.nn.dot_product_attention` implementation for `cfg` on `device` (default: the first
-    device): `cfg.attention` unless "auto", which takes "cudnn" on an NVIDIA GPU when cuDNN's fused
-    attention takes the shapes (16-bit compute, d_head a multiple of 8 up to 128), else "xla".
-    jax's own default (implementation=None) is XLA's everywhere, GPUs included."""
-    device = jax.devices()[0] if device is None else device
-    nvidia = device.platform in ("gpu", "cuda") and "nvidia" in device.device_kind.lower()
-    if cfg.attention == "cudnn" and not nvidia:
-        raise ConfigError(
-            f"attention='cudnn' needs an NVIDIA GPU, but the device is {device.device_kind!r}: "
-            "use attention='auto' (cuDNN where it applies, XLA's elsewhere) or 'xla'"
-        )
-    if cfg.attention != "auto":
-        return cfg.attention
-    fits = cfg.compute_dtype in (jnp.bfloat16, jnp.float16) and cfg.d_head % 8 == 0 and cfg.d_head <= 128
-    return "cudnn" if nvidia and fits else "xla"
-
-
-def _causal_pattern(q: jax.Array, k: jax.Array) -> jax.Array:
-    """Attention weights [batch, n_heads, seq_q, seq_k] (float32) of q, k [batch, seq, n_heads, d_head]."""
-    seq = q.shape[1]
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-
-
-class MLP(nnx.Module):
-    """gelu: gelu(x W_in + b_in) W_out + b_out (tanh GELU, as GPT-2);
-    swiglu: (silu(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, m, pdt = cfg.d_model, cfg.d_mlp, cfg.params_dtype
-        self.kind = cfg.mlp
-        self.dtype = cfg.compute_dtype
-        self.W_in = _normal(rngs, (d, m), cfg.init_std, pdt)
-        self.b_in = _zeros((m,), pdt)
-        self.W_gate = _normal(rngs, (d, m), cfg.init_std, pdt) if cfg.mlp == "swiglu" else None
-        self.b_gate = _zeros((m,), pdt) if cfg.mlp == "swiglu" else None
-        self.W_out = _normal(rngs, (m, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
-        self.b_out = _zeros((d,), pdt)
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [batch, seq, d_model] -> (mlp_out [batch, seq, d_model], post [batch, seq, d_mlp])."""
-        batch, seq, d_model = x.shape
-        dt = self.dtype
-        # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
-        flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
-        pre = constrain(flat @ self.W_in[...].astype(dt) + self.b_in[...].astype(dt), BATCH_AXES, "tensor")
-        if self.kind == "swiglu":
-            gate = constrain(flat @ self.W_gate[...].astype(dt) + self.b_gate[...].astype(dt), BATCH_AXES, "tensor")
-            post = jax.nn.silu(gate) * pre
-        else:
-            post = jax.nn.gelu(pre, approximate=True)
-        out = constrain(post @ self.W_out[...].astype(dt) + self.b_out[...].astype(dt), BATCH_AXES, None)
-        return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)
 
 
 class Block(nnx.Module):
@@ -238,7 +75,7 @@ class Block(nnx.Module):
             attn_key = mlp_key = depth_mask = None
 
         def finish(write: jax.Array, key: jax.Array | None) -> jax.Array:
-            write = _dropout(write, self.dropout, key)
+            write = dropout(write, self.dropout, key)
             return write if depth_mask is None else (write * depth_mask).astype(write.dtype)
 
         stream = stream.record("resid_pre", stream.read())
@@ -261,7 +98,8 @@ class Block(nnx.Module):
         """Apply one sublayer ("attn" or "mlp"): read the stream, compute, write, and (post-LN)
         normalise. `compute=False` skips the sublayer's own computation and writes zeros in its
         place: for a stream whose ablation replaces or deletes this write anyway."""
-        norm, norm_name, write_name = (self.ln1, "ln1", "attn_out") if kind == "attn" else (self.ln2, "ln2", "mlp_out")
+        norm_name, write_name = SUBLAYER_NORM[kind], f"{kind}_out"
+        norm = getattr(self, norm_name)
         run = self._attn(rope, stream) if kind == "attn" else self._mlp()
         if not compute:
             run = lambda s, h: (s, jnp.zeros(stream.resid.shape, stream.resid.dtype))  # noqa: E731
@@ -346,8 +184,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = cfg.params_dtype
-        self.W_E = _normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt)
-        self.W_pos = _normal(rngs, (cfg.n_ctx, cfg.d_model), cfg.init_std, pdt) if cfg.positions == "learned" else None
+        self.W_E = normal_param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std, pdt)
+        learned = cfg.positions == "learned"
+        self.W_pos = normal_param(rngs, (cfg.n_ctx, cfg.d_model), cfg.init_std, pdt) if learned else None
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -356,8 +195,8 @@ class Transformer(nnx.Module):
 
         self.blocks = make_blocks(rngs)  # every parameter has a leading [n_layers] axis
         self.ln_final = Norm(cfg) if cfg.norm_placement == "pre" else None
-        self.W_U = None if cfg.tied_embeddings else _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt)
-        self.b_U = _zeros((cfg.vocab_size,), pdt)
+        self.W_U = None if cfg.tied_embeddings else normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt)
+        self.b_U = zeros_param((cfg.vocab_size,), pdt)
 
     # ----------------------------------------------------------------------------------- pieces
     @property
@@ -385,12 +224,12 @@ class Transformer(nnx.Module):
         table = constrain(self.W_E[...], None, None)
         embed = jnp.take(table, tokens, axis=0, mode="fill", fill_value=jnp.nan)
         embed = constrain(embed, BATCH_AXES, None, None)
-        embed = _dropout(embed.astype(cfg.compute_dtype), cfg.dropout, keys[0])
+        embed = dropout(embed.astype(cfg.compute_dtype), cfg.dropout, keys[0])
         stream = ResidualStream(embed, {}, mode=mode, residual=True, optional=record)
         stream = stream.record("embed", embed)
         if self.W_pos is not None:
             pos = jnp.broadcast_to(self.W_pos[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
-            pos = _dropout(pos, cfg.dropout, keys[1])
+            pos = dropout(pos, cfg.dropout, keys[1])
             stream = stream.replace(resid=embed + pos).record("pos_embed", pos)
         return stream.replace(residual=cfg.residual)
 
@@ -469,16 +308,20 @@ class Transformer(nnx.Module):
         with mesh_context((state, tokens)):  # a sharded model pins its activations on its mesh
             return _compiled_forward(graphdef, state, tokens, rng, (ablation, replacement), mode=mode, record=record)
 
-    def _trace(
+    def forward(
         self,
         tokens: jax.Array,
         *,
-        mode: str,
-        record: tuple[str, ...],
-        rng: jax.Array | None,
+        mode: str = "full",
+        record: tuple[str, ...] = (),
+        rng: jax.Array | None = None,
         ablation: Ablation | None = None,
         replacement: Replacement | None = None,
     ) -> tuple[jax.Array, Cache]:
+        """The forward pass as plain traced code, for use inside your own `jit`, `vmap` or `grad`:
+        (logits [batch, seq, vocab], cache) as `run_with_cache` returns them, without its checks
+        (token ids, recording options) and without a compiled call of its own. `tokens` must
+        already be valid int32 ids [batch, seq]."""
         cfg = self.cfg
         embed_rng, block_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
         stream = self.embed(tokens, mode, record, embed_rng)
@@ -540,4 +383,4 @@ def _compiled_forward(
     user's jit or grad it simply inlines."""
     ablation, replacement = intervention
     model = nnx.merge(graphdef, state)
-    return model._trace(tokens, mode=mode, record=record, rng=rng, ablation=ablation, replacement=replacement)
+    return model.forward(tokens, mode=mode, record=record, rng=rng, ablation=ablation, replacement=replacement)

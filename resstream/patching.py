@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from resstream.ablation import AblationError, no_ablation, stack, zero_replacement
+from resstream.interventions import AblationError, no_ablation, stack, zero_replacement
 from resstream.model import Transformer, check_tokens
 from resstream.sharding import mesh_context
 from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
@@ -73,8 +73,8 @@ def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.A
 def _patched(graphdef, state, clean, corrupted, masks, positions, args, *, schedule: Schedule, chunk: int, readout):
     model = nnx.merge(graphdef, state)
     record = ("resid_pre", "resid_mid")
-    clean_logits, clean_cache = model._trace(clean, mode="full", record=record, rng=None)
-    corrupted_logits, corrupted_cache = model._trace(corrupted, mode="full", record=record, rng=None)
+    clean_logits, clean_cache = model.forward(clean, record=record)
+    corrupted_logits, corrupted_cache = model.forward(corrupted, record=record)
     out = run_lanes(
         model,
         corrupted_cache,
@@ -120,11 +120,8 @@ def run_patched(
     """Logits [batch, seq, vocab] of the corrupted run with the clean stream entering `layer`
     patched in at `positions` (indices or a boolean mask over seq; None: every position)."""
     clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
-    cfg, seq = model.cfg, clean.shape[1]
-    if not 0 <= layer < cfg.n_layers:
-        raise AblationError(
-            f"layer={layer} is out of range: the stream can be patched entering layers 0..{cfg.n_layers - 1}"
-        )
+    seq = clean.shape[1]
+    layer = model.cfg.check_layer(layer, error=AblationError)
     mask = np.ones(seq, bool) if positions is None else np.zeros(seq, bool)
     if positions is not None:
         try:

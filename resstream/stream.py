@@ -4,21 +4,22 @@ A block reads the stream, computes a sublayer, and writes the result back. Write
 according to the stream's mode, so the one model code path serves training (nothing kept),
 telemetry (cheap per-layer statistics) and analysis (every write, kept for exact decomposition).
 
-Interventions are data too: an `Ablation` (which writes, heads or sublayers to change; boolean
-masks) and a `Replacement` (the values written instead) ride along with the stream, one layer's
-slice at a time, so an ablated forward pass is the ordinary forward pass and vmaps, jits and shards
-like it.
+Interventions are data too: an `Ablation` and a `Replacement` (resstream.interventions) ride
+along with the stream, one layer's slice at a time, so an ablated forward pass is the ordinary
+forward pass and vmaps, jits and shards like it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-Mode = Literal["off", "stats", "full"]
+if TYPE_CHECKING:
+    from resstream.interventions import Ablation, Replacement
+
 MODES: tuple[str, ...] = ("off", "stats", "full")
 
 # Records that are kept only when asked for (`run_with_cache(..., record=...)`); they cost memory
@@ -29,37 +30,6 @@ OPTIONAL_RECORDS: tuple[str, ...] = ("resid_pre", "resid_mid", "mlp_post", "patt
 def token_norm(x: jax.Array) -> jax.Array:
     """L2 norm over d_model of each token: [..., d_model] -> [...], in float32."""
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
-
-
-@struct.dataclass
-class Ablation:
-    """Which writes to change, as boolean masks (stacked: a leading [n_layers] axis; the scan hands
-    each layer its slice). Add a leading axis of your own to `jax.vmap` over many ablations.
-
-    replace_attn, replace_mlp: [n_layers] the sublayer's write is replaced by the `Replacement`'s.
-    replace_heads:             [n_layers, n_heads] the head's z (before W_O) is replaced.
-    skip_attn, skip_mlp:       [n_layers] the sublayer is deleted: the stream leaves it as it came
-                               in (for a post-LN model, its norm is skipped too).
-    """
-
-    replace_attn: jax.Array
-    replace_mlp: jax.Array
-    replace_heads: jax.Array
-    skip_attn: jax.Array
-    skip_mlp: jax.Array
-
-
-@struct.dataclass
-class Replacement:
-    """Values written in place of the ablated ones; a size-1 batch or position axis broadcasts.
-
-    attn_out, mlp_out: [n_layers, batch | 1, seq | 1, d_model]
-    z:                 [n_layers, batch | 1, seq | 1, n_heads, d_head]
-    """
-
-    attn_out: jax.Array
-    mlp_out: jax.Array
-    z: jax.Array
 
 
 @struct.dataclass

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resstream.interventions import Ablation, Replacement
 from resstream.model import Cache, Transformer
-from resstream.stream import Ablation, Replacement, ResidualStream
+from resstream.stream import ResidualStream
 
 # Bytes of transient activations that the lanes of one chunk may take. On CPU a chunk's attention
-# scores must stay near the caches: measured at 12 layers x d_model 256, batch 8 x 256, 24 lanes
-# took 9.5 s in chunks of 24 and 5.7 s one lane at a time. Accelerators want wide chunks.
+# scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
+# accelerators want wide chunks.
 MEMORY_BUDGET = {"cpu": 64 << 20}
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
@@ -53,20 +54,12 @@ class Schedule:
         return len(self.starts)
 
 
-def sublayer_of(model: Transformer, k: int) -> tuple[int, str]:
-    """Sublayer index k -> (layer, "attn" | "mlp")."""
-    if model.cfg.attn_only:
-        return k, "attn"
-    return k // 2, ("attn", "mlp")[k % 2]
-
-
 def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarray | None = None) -> Schedule:
     """The plan for a stack of ablations (concrete masks with a leading [n_jobs] axis) and, for
     activation patching, the patched layer of each job."""
     cfg = model.cfg
     masks = jax.tree.map(np.asarray, ablation)
     n_jobs = masks.replace_attn.shape[0]
-    per_layer = cfg.sublayers_per_layer
     # changed[j, k] / whole[j, k]: job j changes sublayer k / replaces or deletes its whole write
     whole_attn = masks.replace_attn | masks.skip_attn
     changed_attn = whole_attn | masks.replace_heads.any(-1)
@@ -76,7 +69,7 @@ def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarr
         whole_mlp = masks.replace_mlp | masks.skip_mlp
         changed = np.stack([changed_attn, whole_mlp], axis=-1).reshape(n_jobs, -1)
         whole = np.stack([whole_attn, whole_mlp], axis=-1).reshape(n_jobs, -1)
-    n_sublayers = cfg.n_layers * per_layer
+    n_sublayers, per_layer = cfg.n_sublayers, cfg.sublayers_per_layer
     patch_layers = np.full(n_jobs, -1) if patch_layers is None else np.asarray(patch_layers)
     starts, cheap = [], []
     for j in range(n_jobs):
@@ -105,13 +98,82 @@ def _map_lanes(fn: Callable, xs: Any, chunk: int) -> Any:
     return jax.lax.map(lambda a: fn(*a), xs, batch_size=chunk)
 
 
-def _stream_entering(cache: Cache, model: Transformer, k: int) -> jax.Array:
+def _stream_entering(cache: Cache, cfg: Any, k: int) -> jax.Array:
     """The base run's stream [batch, seq, d_model] entering sublayer k (k = n_sublayers: final)."""
-    n_sublayers = model.cfg.n_layers * model.cfg.sublayers_per_layer
-    if k == n_sublayers:
+    if k == cfg.n_sublayers:
         return cache["resid_final"]
-    layer, kind = sublayer_of(model, k)
+    layer, kind = cfg.sublayer(k)
     return cache["resid_pre" if kind == "attn" else "resid_mid"][layer]
+
+
+@dataclasses.dataclass
+class _Lanes:
+    """The state of `run_lanes`: the lanes that have started, in the order of `jobs`, and their
+    streams [len(jobs), batch, seq, d_model] entering the next sublayer."""
+
+    model: Transformer
+    base: Cache
+    ablation: Ablation
+    replacement: Replacement
+    schedule: Schedule
+    source: Cache | None
+    patch_positions: jax.Array | None
+    chunk_size: int
+    jobs: list[int] = dataclasses.field(default_factory=list)
+    streams: jax.Array | None = None
+
+    def entering(self, jobs: list[int], k: int) -> jax.Array:
+        """Initial streams [len(jobs), batch, seq, d_model] of jobs that join at sublayer k: the
+        base run's, with the source run's copied in where a job patches the stream entering k."""
+        cfg = self.model.cfg
+        shape = self.base["embed"].shape
+        x = jnp.broadcast_to(_stream_entering(self.base, cfg, k), (len(jobs), *shape))
+        patched = np.array([self.schedule.patch_layers[j] * cfg.sublayers_per_layer == k for j in jobs])
+        if self.source is None or not patched.any():
+            return x
+        where = self.patch_positions[np.array(jobs)] & jnp.asarray(patched)[:, None]  # [jobs, seq]
+        return jnp.where(where[:, None, :, None], _stream_entering(self.source, cfg, k)[None], x)
+
+    def apply(self, k: int, jobs: list[int], streams: jax.Array, compute: bool) -> jax.Array:
+        """Sublayer k applied to each lane under that lane's ablation; `compute=False` for lanes
+        whose write there is replaced or deleted whole (its output is known)."""
+        cfg = self.model.cfg
+        layer, kind = cfg.sublayer(k)
+        block = self.model.layer(layer)
+        rope = self.model.rope(streams.shape[2])
+        lane_masks = jax.tree.map(lambda m: m[np.array(jobs), layer], self.ablation)
+        values = jax.tree.map(lambda v: v[layer], self.replacement)
+
+        def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
+            stream = ResidualStream(resid, {}, lane_ablation, values, residual=cfg.residual)
+            return block.sublayer(kind, stream, rope, compute=compute).resid
+
+        return _map_lanes(one, (streams, lane_masks), self.chunk_size)
+
+    def step(self, k: int) -> None:
+        """Let the jobs that start at k join, then run sublayer k on every lane."""
+        new = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == k]
+        fresh = [j for j in new if not self.schedule.cheap[j]]  # compute sublayer k from the base stream
+        known = [j for j in new if self.schedule.cheap[j]]  # sublayer k's output is known
+        computed, parts = self.jobs + fresh, []
+        if computed:
+            ongoing = [] if self.streams is None else [self.streams]
+            x = jnp.concatenate([*ongoing, self.entering(fresh, k)]) if fresh else self.streams
+            parts.append(self.apply(k, computed, x, compute=True))
+        if known:
+            parts.append(self.apply(k, known, self.entering(known, k), compute=False))
+        if parts:
+            self.streams = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+            self.jobs = computed + known
+
+    def finish(self) -> None:
+        """Jobs that change nothing join at the end, as the base run's final stream."""
+        n = self.model.cfg.n_sublayers
+        untouched = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == n]
+        if untouched:
+            x = self.entering(untouched, n)
+            self.streams = x if self.streams is None else jnp.concatenate([self.streams, x])
+            self.jobs = self.jobs + untouched
 
 
 def run_lanes(
@@ -134,62 +196,10 @@ def run_lanes(
     source, patch_positions [n_jobs, seq]: for patching, the run whose stream is copied in at each
     job's patched layer, at the positions marked True.
     """
-    cfg = model.cfg
-    n_sublayers = cfg.n_layers * cfg.sublayers_per_layer
-    seq = base["embed"].shape[1]
-    rope = model.rope(seq)
-
-    def entering(jobs: list[int], k: int) -> jax.Array:
-        """Initial streams [len(jobs), batch, seq, d_model] of jobs that start at sublayer k."""
-        x = jnp.broadcast_to(_stream_entering(base, model, k), (len(jobs), *base["embed"].shape))
-        if source is None:
-            return x
-        patched = np.array([schedule.patch_layers[j] * cfg.sublayers_per_layer == k for j in jobs])
-        if not patched.any():
-            return x
-        where = patch_positions[np.array(jobs)] & jnp.asarray(patched)[:, None]  # [jobs, seq]
-        return jnp.where(where[:, None, :, None], _stream_entering(source, model, k)[None], x)
-
-    def apply(k: int, lanes: list[int], streams: jax.Array, compute: bool) -> jax.Array:
-        layer, kind = sublayer_of(model, k)
-        block = model.layer(layer)
-        ids = np.array(lanes)
-        lane_masks = jax.tree.map(lambda m: m[ids, layer], ablation)  # each lane's masks at this layer
-        values = jax.tree.map(lambda v: v[layer], replacement)
-
-        def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
-            stream = ResidualStream(resid, {}, lane_ablation, values, residual=cfg.residual)
-            return block.sublayer(kind, stream, rope, compute=compute).resid
-
-        return _map_lanes(one, (streams, lane_masks), chunk_size)
-
-    order = sorted(range(schedule.n_jobs), key=lambda j: schedule.starts[j])
-    lanes: list[int] = []
-    streams = None
-    for k in range(n_sublayers):
-        new = [j for j in order if schedule.starts[j] == k]
-        fresh = [j for j in new if not schedule.cheap[j]]  # join here and compute this sublayer
-        known = [j for j in new if schedule.cheap[j]]  # join here, this sublayer's output is known
-        computed = lanes + fresh
-        parts = []
-        if computed:
-            x = [streams] if streams is not None else []
-            x = jnp.concatenate([*x, entering(fresh, k)]) if fresh else streams
-            parts.append(apply(k, computed, x, compute=True))
-        if known:
-            parts.append(apply(k, known, entering(known, k), compute=False))
-        if parts:
-            streams = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-            lanes = computed + known
-    untouched = [j for j in order if schedule.starts[j] == n_sublayers]
-    if untouched:
-        x = entering(untouched, n_sublayers)
-        streams = x if streams is None else jnp.concatenate([streams, x])
-        lanes = lanes + untouched
-
-    def read(resid: jax.Array) -> Any:
-        return readout(model.unembed(resid)[0])
-
-    out = _map_lanes(read, (streams,), chunk_size)
-    position = np.argsort(np.array(lanes))  # lane order -> job order
+    lanes = _Lanes(model, base, ablation, replacement, schedule, source, patch_positions, chunk_size)
+    for k in range(model.cfg.n_sublayers):
+        lanes.step(k)
+    lanes.finish()
+    out = _map_lanes(lambda resid: readout(model.unembed(resid)[0]), (lanes.streams,), chunk_size)
+    position = np.argsort(np.array(lanes.jobs))  # lane order -> job order
     return jax.tree.map(lambda x: x[position], out)

@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import built, grid_id, max_rel_err, roundoff_tolerance, sample
 from reference import reference_logits
 from resstream import ablation as A  # noqa: N812
-from resstream import analysis
+from resstream import analysis, interventions
 
 
 def _loss(logits, tokens) -> float:
@@ -65,7 +65,7 @@ def test_each_row_of_a_sweep_equals_the_single_ablation(arch, granularity):
     model, tokens, _, _ = built(**arch)
     table = A.ablation_sweep(model, tokens, granularity)
     single = [float(A.ablate(model, tokens, [label]).loss) for label in table.labels]
-    assert table.labels == tuple(A.component_labels(model.cfg, granularity))
+    assert table.labels == tuple(interventions.component_labels(model.cfg, granularity))
     assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg)
     np.testing.assert_allclose(table.total, np.array(single) - float(table.baseline), atol=1e-5)
 
@@ -89,8 +89,8 @@ def test_sweep_in_chunks_equals_the_sweep_at_once():
 
 def test_mean_ablation_over_the_same_batch_keeps_the_mean_write():
     model, tokens, _, cache = built()
-    ablation = A.make_ablation(model.cfg, ["1_attn_out", "0_mlp_out", "L2H3"], "mean")
-    values = A.replacement_for(model, tokens, "mean")
+    ablation = interventions.make_ablation(model.cfg, ["1_attn_out", "0_mlp_out", "L2H3"], "mean")
+    values = interventions.replacement_for(model, tokens, "mean")
     _, ablated = model.run_with_cache(tokens, ablation=ablation, replacement=values)
     for name, layer in (("attn_out", 1), ("mlp_out", 0)):
         np.testing.assert_allclose(ablated[name][layer].mean(0), cache[name][layer].mean(0), rtol=1e-5, atol=1e-6)
@@ -101,8 +101,8 @@ def test_mean_ablation_over_the_same_batch_keeps_the_mean_write():
 def test_mean_over_a_dataset_weights_every_sequence_equally():
     model, tokens, _, _ = built()
     other = jax.random.randint(jax.random.key(7), (3, tokens.shape[1]), 0, model.cfg.vocab_size)
-    over_batches = A.mean_writes(model, [tokens, other])
-    at_once = A.mean_writes(model, [jnp.concatenate([tokens, other])])
+    over_batches = interventions.mean_writes(model, [tokens, other])
+    at_once = interventions.mean_writes(model, [jnp.concatenate([tokens, other])])
     for a, b in zip(jax.tree.leaves(over_batches), jax.tree.leaves(at_once), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     result = A.ablate(model, tokens, ["0_attn_out"], method="mean", reference=over_batches)
@@ -113,18 +113,18 @@ def test_resample_writes_the_reference_runs_values():
     model, tokens, _, _ = built()
     reference = jnp.roll(tokens, 1, axis=0)
     _, reference_cache = model.run_with_cache(reference)
-    ablation = A.make_ablation(model.cfg, ["2_mlp_out"], "resample")
+    ablation = interventions.make_ablation(model.cfg, ["2_mlp_out"], "resample")
     _, ablated = model.run_with_cache(
-        tokens, ablation=ablation, replacement=A.replacement_for(model, tokens, "resample", reference)
+        tokens, ablation=ablation, replacement=interventions.replacement_for(model, tokens, "resample", reference)
     )
     assert jnp.array_equal(ablated["mlp_out"][2], reference_cache["mlp_out"][2])
 
 
 def test_ablations_vmap_like_any_pytree(sampled_arch):
     model, tokens, _, _ = built(**sampled_arch)
-    labels = A.component_labels(model.cfg, "sublayers")[:3]
-    stacked = A.stack([A.make_ablation(model.cfg, [label]) for label in labels])
-    values = A.zero_replacement(model.cfg)
+    labels = interventions.component_labels(model.cfg, "sublayers")[:3]
+    stacked = interventions.stack([interventions.make_ablation(model.cfg, [label]) for label in labels])
+    values = interventions.zero_replacement(model.cfg)
 
     @jax.jit
     def losses(masks):
@@ -197,7 +197,7 @@ def test_bad_components_and_replacements_are_refused_with_the_valid_choices():
         A.ablation_sweep(model, tokens, "neurons")
     with pytest.raises(A.AblationError, match="'delete' removes layers or sublayers"):
         A.ablate(model, tokens, ["L0H1"], method="delete")
-    bad = A.zero_replacement(model.cfg).replace(attn_out=jnp.zeros((3, 5, 12, 32)))
+    bad = interventions.zero_replacement(model.cfg).replace(attn_out=jnp.zeros((3, 5, 12, 32)))
     with pytest.raises(A.AblationError, match=r"attn_out has shape \(3, 5, 12, 32\).*\[3, 1 or 2, 1 or 12, 32\]"):
         A.ablate(model, tokens, ["L0"], reference=bad)
     with pytest.raises(A.AblationError, match="at least 2 tokens"):

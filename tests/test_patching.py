@@ -7,7 +7,7 @@ import pytest
 from conftest import built, max_rel_err, roundoff_tolerance
 from resstream import ResidualStream
 from resstream import patching as P  # noqa: N812
-from resstream.ablation import AblationError
+from resstream.interventions import AblationError
 
 
 def _pair(**arch):
