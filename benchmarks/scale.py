@@ -17,7 +17,7 @@ accelerator, tokens/s and model FLOPs utilisation (MFU).
 3. Sharded memory (when there is more than one device; on CPU run it with
    XLA_FLAGS=--xla_force_host_platform_device_count=8): the per-device compiled memory of the step
    under data, fsdp and data x fsdp x tensor meshes (remat "dots"), with the model's activation
-   pins (traced under the mesh, as `sharding.sharded_train_step` runs it) and without them (XLA's
+   pins (traced under the mesh, as `train.mesh_steps` runs it) and without them (XLA's
    propagation alone). FSDP should divide the arguments (parameters and Adam state) by its size.
 """
 
@@ -38,7 +38,7 @@ from train_throughput import flops_per_token
 
 from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
-from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
+from resstream.train import OptimizerConfig, init_state, make_optimizer, optimizer_step, train_step
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -92,7 +92,7 @@ def sharded_memory(mesh_config: S.MeshConfig, batch: int, dtype: str, pinned: bo
     mesh = S.make_mesh(mesh_config)
     shardings = S.state_shardings(state, mesh)
     step = jax.jit(
-        functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=False),
+        functools.partial(optimizer_step, graphdef=graphdef, optimizer=optimizer, telemetry=False),
         in_shardings=(shardings, NamedSharding(mesh, P(None, S.BATCH_AXES))),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=(0,),

@@ -231,7 +231,7 @@ def sample_main(argv: list[str]) -> None:
 def _validation_batches(config: ConfigDict, seq: int, batch_size: int, n_batches: int) -> list[Any]:
     """The run's own validation split, as [batch, seq] token arrays."""
     from resstream.data import eval_batches
-    from resstream.loop import split_tokens
+    from resstream.data import split_tokens
 
     tokens = split_tokens(config, "validation")
     return [b[:, :seq] for b in eval_batches(tokens, seq, batch_size, n_batches)]

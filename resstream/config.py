@@ -1,4 +1,6 @@
-"""Model configuration: one frozen dataclass, validated when it is built."""
+"""Configuration: the model (`ModelConfig`, validated when it is built), the optimizer, the device
+mesh, and the run-config schema that train.py reads (`base_config`), whose defaults come from
+these dataclasses."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "dots", "full")
 ATTENTIONS = ("auto", "xla", "cudnn")
+# The norm that each kind of sublayer owns (its parameters blocks.ln1 / blocks.ln2, its recorded
+# scale "ln1_scale" / "ln2_scale"): pre-LN reads the stream through it, post-LN applies it after the write.
+SUBLAYER_NORM = {"attn": "ln1", "mlp": "ln2"}
 # Fields that change how the model is computed, not which model it is: checkpoints restore across them.
 RUNTIME_FIELDS = frozenset({"remat", "attention"})
 
@@ -57,7 +62,7 @@ class ModelConfig:
     # "dots" keeps only matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and
     # recomputes the cheap elementwise work; "full" keeps only each layer's input. Losses and
     # gradients are the same. "dots" is the default: on XLA's CPU backend the backward scan over
-    # stored activations is slow, and "dots" made the train step ~1.5x faster there.
+    # stored activations is slow (benchmarks/train_throughput.py).
     remat: str = "dots"
     # The implementation of jax.nn.dot_product_attention that computes z: "auto" takes cuDNN's fused
     # (flash) attention on an NVIDIA GPU where cuDNN takes the shapes (16-bit compute, d_head a
@@ -183,29 +188,45 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"rotary_base must be greater than 1, got {cfg.rotary_base}")
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay, after clipping the global gradient norm."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1  # the cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices as data x fsdp x tensor (see resstream/sharding.py); -1 takes the devices left over."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
 def base_config() -> ConfigDict:
     """Every field a run reads, with defaults; the presets in configs/ change what they need."""
     model = ModelConfig().to_dict()
     model["d_head"] = config_dict.placeholder(int)
     model["d_mlp"] = config_dict.placeholder(int)
+    optimizer = dataclasses.asdict(OptimizerConfig())
+    del optimizer["total_steps"]  # the run's train.steps
     return ConfigDict(
         {
             "run_dir": "runs/default",
-            # devices: data x fsdp x tensor (-1: the rest); see resstream/sharding.py
-            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            "mesh": dataclasses.asdict(MeshConfig()),
             # join a multi-host job (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
             # JAX_PROCESS_ID in the environment) with jax.distributed.initialize before anything else
             "distributed": False,
             "model": model,
-            "optimizer": {
-                "learning_rate": 1e-3,
-                "warmup_steps": 100,
-                "min_lr_ratio": 0.1,
-                "weight_decay": 0.1,
-                "b1": 0.9,
-                "b2": 0.95,
-                "grad_clip": 1.0,
-            },
+            "optimizer": optimizer,
             "data": {
                 "source": "stdlib",
                 "text_column": "text",
@@ -229,7 +250,16 @@ def base_config() -> ConfigDict:
                 # a corrupt latest checkpoint: False refuses to resume (naming the newest intact one);
                 # True moves the corrupt ones to run_dir/corrupt_checkpoints/ and resumes from it
                 "resume_intact": False,
-                "debug_nan_step": -1,
             },
         }
     )
+
+
+def model_config(config: ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run config."""
+    return ModelConfig.from_dict(dict(config.model))
+
+
+def optimizer_config(config: ConfigDict) -> OptimizerConfig:
+    """The OptimizerConfig of a run config (its schedule spans train.steps)."""
+    return OptimizerConfig(**{**dict(config.optimizer), "total_steps": config.train.steps})

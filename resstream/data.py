@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,3 +150,12 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: i
     starts = np.linspace(0, n_windows - 1, count).astype(np.int64) * seq_len
     windows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
     return list(windows.reshape(-1, batch_size, seq_len + 1))
+
+
+def split_tokens(config: Any, split: str) -> np.ndarray:
+    """The tokenized "train" or "validation" split of a run config's data (cached, see
+    `tokenized_corpus`)."""
+    data = config.data
+    return tokenized_corpus(
+        data.source, split, data.cache_dir, text_column=data.text_column, validation_fraction=data.validation_fraction
+    )

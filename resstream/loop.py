@@ -1,5 +1,10 @@
-"""A training run: data, the jitted step, logging, evaluation, checkpoints, and the end-of-run
-report. `run(config, run_dir)` resumes from the run directory's latest checkpoint when there is one.
+"""A training run: data, the compiled step, logging, evaluation and checkpoints (the end-of-run
+report is resstream/report.py). `run(config, run_dir)` resumes from the run directory's latest
+checkpoint when there is one.
+
+The loop never waits on the device between the steps it logs, evaluates or checkpoints: the steps
+thread their "finite so far" flag from one to the next on the device (see `train.optimizer_step`),
+and the loop reads it only where it reads the metrics anyway.
 """
 
 from __future__ import annotations
@@ -10,37 +15,30 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from resstream import analysis
 from resstream.checkpoint import Checkpoints, CorruptCheckpointError
-from resstream.config import ConfigError, ModelConfig
-from resstream.data import ByteTokenizer, Sampler, SamplerState, eval_batches, tokenized_corpus
+from resstream.config import ConfigError, MeshConfig, ModelConfig, model_config, optimizer_config
+from resstream.data import ByteTokenizer, Sampler, SamplerState, eval_batches, split_tokens
 from resstream.model import Transformer
+from resstream.report import write_report
 from resstream.run_lock import RunLock
-from resstream.sampling import generate
-from resstream.sharding import BATCH_AXES, MeshConfig, make_mesh, shard, sharded_train_step, state_shardings
-from resstream.telemetry import MetricsLog, plot_run
-from resstream.train import OptimizerConfig, TrainState, eval_loss, init_state, learning_rate_schedule, make_optimizer
+from resstream.sharding import BATCH_AXES, make_mesh, shard, state_shardings
+from resstream.telemetry import MetricsLog
+from resstream.train import MeshSteps, TrainState, init_state, learning_rate_schedule, make_optimizer, mesh_steps
 
 
 class DivergenceError(RuntimeError):
     """The loss or the gradients stopped being finite."""
-
-
-def model_config(config: Any) -> ModelConfig:
-    return ModelConfig.from_dict(dict(config.model))
-
-
-def optimizer_config(config: Any) -> OptimizerConfig:
-    return OptimizerConfig(**{**dict(config.optimizer), "total_steps": config.train.steps})
 
 
 class _StopOnSignal:
@@ -61,12 +59,25 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
-def split_tokens(config: Any, split: str) -> np.ndarray:
-    """The tokenized "train" or "validation" split of the run's data (cached; see data.py)."""
-    data = config.data
-    return tokenized_corpus(
-        data.source, split, data.cache_dir, text_column=data.text_column, validation_fraction=data.validation_fraction
-    )
+@dataclasses.dataclass
+class _Data:
+    """The run's data on this host: its sampler of training batches, the rows of each batch that are
+    this host's, the function that assembles the hosts' rows into one global array, and the
+    validation batches (global arrays [batch, seq + 1])."""
+
+    sampler: Sampler
+    rows: slice
+    to_global: Any
+    val_batches: list
+
+
+def _data(config: Any, cfg: ModelConfig, mesh: Any) -> _Data:
+    tc = config.train
+    train_tokens, val_tokens = split_tokens(config, "train"), split_tokens(config, "validation")
+    sampler = Sampler(train_tokens, cfg.n_ctx, tc.batch_size, tc.seed, name=f"the train split of {config.data.source}")
+    rows, to_global = _batch_split(mesh, tc.batch_size)
+    val_batches = [to_global(b[rows]) for b in eval_batches(val_tokens, cfg.n_ctx, tc.batch_size, tc.eval_batches)]
+    return _Data(sampler, rows, to_global, val_batches)
 
 
 def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
@@ -75,20 +86,17 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     Nothing in `run_dir` changes until the run is accepted: a refused resume (another model, a
     corrupt checkpoint, another process training there) leaves the directory as it was."""
     run_dir = Path(run_dir)
-    cfg, opt_cfg, tc = model_config(config), optimizer_config(config), config.train
+    cfg, tc = model_config(config), config.train
     _check_run(cfg, run_dir, Path(config.data.cache_dir))
-    train_tokens, val_tokens = split_tokens(config, "train"), split_tokens(config, "validation")
-    sampler = Sampler(train_tokens, cfg.n_ctx, tc.batch_size, tc.seed, name=f"the train split of {config.data.source}")
     mesh = make_mesh(MeshConfig(**config.mesh))
-    rows, to_global = _batch_split(mesh, tc.batch_size)
-    val_batches = [to_global(b[rows]) for b in eval_batches(val_tokens, cfg.n_ctx, tc.batch_size, tc.eval_batches)]
+    data = _data(config, cfg, mesh)
     lead = jax.process_index() == 0  # one host writes logs and reports; all write checkpoints
 
     with contextlib.ExitStack() as cleanup:  # closed however the run ends
         run_dir.mkdir(parents=True, exist_ok=True)
         if lead:
             cleanup.enter_context(RunLock(run_dir))
-        optimizer = make_optimizer(opt_cfg)
+        optimizer = make_optimizer(optimizer_config(config))
         graphdef, state = init_state(Transformer(cfg, rngs=nnx.Rngs(tc.seed)), optimizer, tc.seed)
         shardings = state_shardings(state, mesh)
         state = shard(state, shardings)  # before a restore, so that it restores onto the mesh
@@ -103,26 +111,16 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
         if lead:
             (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
         if meta is not None:
-            sampler.state = SamplerState(**meta["sampler"])
+            data.sampler.state = SamplerState(**meta["sampler"])
             log.truncate_after(int(state.step))
             print(f"resumed from step {int(state.step)} of {run_dir}")
-        loop = _Loop(
-            config=config,
-            cfg=cfg,
-            step_fn=sharded_train_step(mesh, shardings, graphdef, optimizer, tc.telemetry),
-            graphdef=graphdef,
-            sampler=sampler,
-            rows=rows,
-            to_global=to_global,
-            val_batches=val_batches,
-            checkpoints=checkpoints,
-            log=log,
-            run_dir=run_dir,
-        )
+        steps = mesh_steps(mesh, shardings, graphdef, optimizer, tc.telemetry)
+        loop = _Loop(config, cfg, steps, data, checkpoints, log, run_dir)
         state, status, val = loop.train(state)
         summary = {"status": status, "step": int(state.step), "val_loss": val, "hosts": jax.process_count()}
         if status == "completed" and jax.process_count() == 1:  # samples and report: single-host runs
-            summary.update(_finish(config, cfg, graphdef, state, val_batches, run_dir, val))
+            model = nnx.merge(graphdef, state.params)
+            summary.update(write_report(config, cfg, model, int(state.step), data.val_batches, run_dir, val))
         if lead:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -184,77 +182,121 @@ def _already_complete(run_dir: Path, step: int, steps: int) -> dict[str, Any]:
     return {**summary, "status": "already complete", "step": step}
 
 
+class _Throughput:
+    """Tokens/s of the steps between two log points, counting neither the first step of the run (it
+    compiles) nor the time spent evaluating and checkpointing."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.excluded, self.start = tokens_per_step, 0, 0.0, None
+
+    def stepped(self, metrics: dict) -> None:
+        if self.start is None:  # the first step: wait for it (and its compile) to finish
+            jax.block_until_ready(metrics["loss"])
+            self.start = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def rate(self, metrics: dict) -> float | None:
+        """Tokens/s since the last call (None when no step since the first was timed)."""
+        jax.block_until_ready(metrics["loss"])
+        now = time.perf_counter()
+        elapsed = now - self.start - self.excluded
+        rate = self.steps * self.tokens_per_step / elapsed if self.steps else None
+        self.start, self.steps, self.excluded = now, 0, 0.0
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time not counted: the caller has waited for the device already (the metrics were read)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+
 @dataclasses.dataclass
 class _Loop:
     """The training loop of an accepted run: steps, logging, evaluation and checkpoints."""
 
     config: Any
     cfg: ModelConfig
-    step_fn: Any
-    graphdef: Any
-    sampler: Sampler
-    rows: slice
-    to_global: Any
-    val_batches: list
+    steps: MeshSteps
+    data: _Data
     checkpoints: Checkpoints
     log: Any
     run_dir: Path
 
     def validate(self, state: TrainState) -> float:
-        losses = [float(eval_loss(state.params, b, graphdef=self.graphdef)) for b in self.val_batches]
-        return float(np.mean(losses))
+        return float(np.mean([float(self.steps.evaluate(state.params, b)) for b in self.data.val_batches]))
 
     def meta(self, state: TrainState) -> dict[str, Any]:
         return {
             "model_config": self.cfg.to_dict(),
-            "sampler": dataclasses.asdict(self.sampler.state),
+            "sampler": dataclasses.asdict(self.data.sampler.state),
             "step": int(state.step),
         }
 
+    def next_batch(self) -> jax.Array:
+        """[accum, batch, seq + 1], split over the mesh."""
+        micro = [self.data.sampler.next_batch(self.data.rows) for _ in range(self.config.train.grad_accum)]
+        return self.data.to_global(np.stack(micro), accum=True)
+
     def train(self, state: TrainState) -> tuple[TrainState, str, float | None]:
         """Steps from state.step to train.steps, or until SIGTERM / SIGINT; (state, status, last
-        validation loss)."""
+        validation loss). The device is waited on only at steps that log, evaluate or checkpoint."""
         tc = self.config.train
         start, status, val = int(state.step), "completed", None
         schedule = learning_rate_schedule(optimizer_config(self.config))
-        tokens_per_step = tc.grad_accum * tc.batch_size * self.cfg.n_ctx
+        throughput = _Throughput(tc.grad_accum * tc.batch_size * self.cfg.n_ctx)
+        finite: Any = True  # every step so far was finite (a device array after the first step)
+        unread: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for divergence
         progress = tqdm(
             range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
             disable=not tc.progress, dynamic_ncols=True,
         )  # fmt: skip
         with progress, _StopOnSignal() as stop:
-            timer = time.perf_counter()
             for step in progress:
-                batch = np.stack([self.sampler.next_batch(self.rows) for _ in range(tc.grad_accum)])
-                if step == tc.debug_nan_step and self.rows.start == 0:  # a corrupt batch: an out-of-vocabulary id
-                    batch[0, 0, 0] = self.cfg.vocab_size  # gives NaN under jit
-                state, metrics = self.step_fn(state, self.to_global(batch, accum=True))
-                if not bool(metrics["finite"]):
-                    _diverged(step + 1, metrics, self.run_dir)
-                done = step + 1
-                record: dict[str, Any] = {}
-                if done % tc.log_every == 0 or done == tc.steps:
-                    elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-                    steps_timed = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
-                    record = {
-                        "step": done,
-                        "loss": metrics["loss"],
-                        "lr": float(schedule(step)),
-                        "tokens_per_s": steps_timed * tokens_per_step / elapsed,
-                        **{k: v for k, v in metrics.items() if k.startswith(("layer_", "grad_norm"))},
-                    }
-                    progress.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if done % tc.eval_every == 0 or done == tc.steps:
-                    val = self.validate(state)
-                    record = {"step": done, **record, "val_loss": val}
-                if record:
-                    self.log.write(record)
-                if done % tc.checkpoint_every == 0 or done == tc.steps or stop.signal is not None:
-                    self.checkpoints.save(done, state, self.meta(state), val_loss=record.get("val_loss"))
+                state, metrics = self.steps.train(state, self.next_batch(), finite)
+                finite, done = metrics["finite"], step + 1
+                unread.append((done, metrics))
+                throughput.stepped(metrics)
+                last = done == tc.steps
+                logs, evaluates = done % tc.log_every == 0 or last, done % tc.eval_every == 0 or last
+                saves = done % tc.checkpoint_every == 0 or last or stop.signal is not None
+                if not (logs or evaluates or saves):
+                    continue
+                _check_finite(unread, self.run_dir)  # the one place the loop waits for the device
+                unread = []
+                record = self.record(done, metrics, schedule(step), throughput) if logs else {}
+                with throughput.paused():
+                    if evaluates:
+                        val = self.validate(state)
+                        record = {"step": done, **record, "val_loss": val}
+                    if record:
+                        self.log.write(record)
+                    if saves:
+                        self.checkpoints.save(done, state, self.meta(state), val_loss=record.get("val_loss"))
+                if logs:
+                    postfix = {"loss": f"{float(metrics['loss']):.3f}"}
+                    if record.get("tokens_per_s"):
+                        postfix["tok_s"] = f"{record['tokens_per_s']:.0f}"
+                    progress.set_postfix(postfix)
                 if stop.signal is not None:
                     status = f"stopped by signal {signal.Signals(stop.signal).name} after step {done}"
                     break
         return state, status, val
+
+    def record(self, done: int, metrics: dict, lr: Any, throughput: _Throughput) -> dict[str, Any]:
+        """The metrics log's line for step `done`."""
+        rate = throughput.rate(metrics)
+        return {
+            "step": done,
+            "loss": metrics["loss"],
+            "lr": float(lr),
+            **({"tokens_per_s": rate} if rate is not None else {}),
+            **{k: v for k, v in metrics.items() if k.startswith(("layer_", "grad_norm"))},
+        }
 
 
 class _NoLog:
@@ -274,9 +316,6 @@ def _batch_split(mesh: Any, batch_size: int) -> tuple[slice, Any]:
     """This host's rows of every batch, and the function that assembles the hosts' rows
     ([batch_rows, ...] or, with accum=True, [accum, batch_rows, ...]) into one global array split
     over the mesh's data and fsdp axes."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % ways or batch_size % jax.process_count():
         raise ConfigError(
@@ -294,62 +333,18 @@ def _batch_split(mesh: Any, batch_size: int) -> tuple[slice, Any]:
     return rows, to_global
 
 
-def _diverged(step: int, metrics: dict, run_dir: Path) -> None:
+def _check_finite(unread: list[tuple[int, dict]], run_dir: Path) -> None:
+    """DivergenceError naming the first of the `unread` steps that was not finite, if any (the flag
+    is sticky: the last step's says whether any was)."""
+    if not unread or bool(unread[-1][1]["finite"]):
+        return
+    step, metrics = next((s, m) for s, m in unread if not bool(m["finite"]))
     layer_finite = np.isfinite(np.asarray(metrics["layer_grad_norm"]))
     bad_layers = [int(i) for i in np.flatnonzero(~layer_finite)]
     where = f"layers {bad_layers} (first: layer {bad_layers[0]})" if bad_layers else "no layer"
     embed = "" if bool(metrics["embed_grad_finite"]) else "; the embedding/unembedding gradients too"
     raise DivergenceError(
         f"step {step}: loss {float(metrics['loss'])} is not finite; non-finite gradients in {where}{embed}. "
-        f"Nothing from this step was applied or saved: the last checkpoint in {run_dir / 'checkpoints'} is "
+        f"Nothing from this step on was applied or saved: the last checkpoint in {run_dir / 'checkpoints'} is "
         "intact. Lower the learning rate, check the data for bad token ids, or raise grad clipping."
     )
-
-
-def _finish(
-    config: Any, cfg: ModelConfig, graphdef: Any, state: Any, val_batches: list, run_dir: Path, val: float | None
-) -> dict[str, Any]:
-    """Plots, samples and the report: validation loss and per-layer direct logit attribution."""
-    plots = [p.name for p in plot_run(run_dir)]
-    model = nnx.merge(graphdef, state.params)
-    tokenizer = ByteTokenizer()
-    prompts = [b"def ", b"class ", b"import "]
-    samples = []
-    for prompt in prompts:
-        out = generate(
-            model,
-            tokenizer.encode(prompt)[None],
-            config.train.sample_tokens,
-            temperature=0.8,
-            top_k=40,
-            seed=config.train.seed,
-        )
-        samples.append(tokenizer.decode(out[0]))
-    (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
-
-    batch = val_batches[0]
-    _, cache = model.run_with_cache(batch[:, :-1])
-    attrs = analysis.logit_attrs(model, cache, batch[:, 1:])
-    per_component = {label: float(jnp.mean(v)) for label, v in attrs}
-    per_layer = {
-        layer: sum(v for k, v in per_component.items() if k.startswith(f"{layer}_")) for layer in range(cfg.n_layers)
-    }
-    lines = [
-        f"# Run report: {run_dir}",
-        "",
-        f"validation loss: {val:.4f} nats/token ({val / math.log(2):.4f} bits/token) after {int(state.step)} steps",
-        "",
-        "## Direct logit attribution to the correct next token (mean over one validation batch)",
-        "",
-        "| component | attribution |",
-        "|---|---|",
-        *[f"| {k} | {v:+.4f} |" for k, v in per_component.items()],
-        "",
-        "| layer (attention + MLP) | attribution |",
-        "|---|---|",
-        *[f"| {k} | {v:+.4f} |" for k, v in per_layer.items()],
-        "",
-        f"plots: {', '.join(plots)}; samples: samples.txt",
-    ]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return {"val_loss_bits": val / math.log(2), "direct_logit_attribution_by_layer": per_layer, "plots": plots}

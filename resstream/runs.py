@@ -24,7 +24,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, 
     from flax import nnx
 
     from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
-    from resstream.loop import model_config, optimizer_config
+    from resstream.config import model_config, optimizer_config
     from resstream.model import Transformer
     from resstream.train import init_state, make_optimizer
 

@@ -16,17 +16,18 @@ insert the collectives.
 Activations are pinned too (`constrain`, called inside the model): the residual stream, every write
 and every record are split on the batch over data x fsdp, and attention heads and the MLP hidden
 axis over tensor. Without that, XLA's propagation follows the FSDP-split weights and splits
-activations on d_model instead (measured: the cache came back batch-split over data only, d_model
-over fsdp), which is tensor parallelism by accident, not FSDP. The pins apply while a mesh is set
-(`jax.set_mesh`): the sharded train step sets its mesh, and a model whose parameters are sharded
-sets theirs when it is called (`mesh_context`), so analysis needs no code of the user's.
+activations on d_model instead (the cache came back batch-split over data only, d_model over
+fsdp), which is tensor parallelism by accident, not FSDP. The pins apply while a mesh is set
+(`jax.set_mesh`): the mesh-compiled train and eval steps (`resstream.train.mesh_steps`) set theirs,
+and a model whose parameters are sharded sets theirs when it is called (`mesh_context`), so
+analysis needs no code of the user's.
+
+A leaf: this module imports nothing of resstream's but the config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resstream.config import ConfigError
+from resstream.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,13 +45,6 @@ FREE = P.UNCONSTRAINED  # a dimension left to XLA
 # Tensor-parallel axis of each parameter (counted with the leading layer axis of block parameters).
 TENSOR_AXIS = {"W_Q": 1, "W_K": 1, "W_V": 1, "b_Q": 1, "b_K": 1, "b_V": 1, "W_O": 1,
                "W_in": 2, "W_gate": 2, "b_in": 1, "b_gate": 1, "W_out": 1}  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
@@ -72,7 +66,9 @@ def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices).reshape(sizes), AXES)
 
 
-def _name(path: tuple) -> str:
+def param_name(path: tuple) -> str:
+    """The parameter's name (W_Q, b_in, ...) from its path in a state pytree: the last dict key
+    (an nnx Variable adds a trailing `.value` attribute, and optimizer state wraps it in more)."""
     names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
     return names[-1] if names else ""
 
@@ -85,7 +81,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of one parameter (or optimizer-state leaf shaped like it), by name."""
     spec: list[Any] = [None] * len(shape)
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    name = _name(path)
+    name = param_name(path)
     if tensor > 1 and name in TENSOR_AXIS and _in_blocks(path) and len(shape) > TENSOR_AXIS[name]:
         axis = TENSOR_AXIS[name]
         if shape[axis] % tensor:
@@ -111,6 +107,7 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def shard(tree: Any, shardings: Any) -> Any:
+    """`tree` placed on its devices as `shardings` (a matching pytree of NamedShardings)."""
     return jax.device_put(tree, shardings)
 
 
@@ -146,26 +143,3 @@ def mesh_context(tree: Any) -> contextlib.AbstractContextManager:
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             return jax.set_mesh(sharding.mesh)
     return contextlib.nullcontext()
-
-
-def sharded_train_step(mesh: Mesh, state_sharding: Any, graphdef: Any, optimizer: Any, telemetry: bool = True):
-    """The train step (`resstream.train.train_step`) compiled for `mesh`: the state stays sharded
-    as `state_sharding`, the batch [accum, batch, seq + 1] is split on its batch axis. Keep the
-    returned function: it compiles on its first call."""
-    from resstream.train import train_step
-
-    step = functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=telemetry)
-    batch = NamedSharding(mesh, P(None, BATCH_AXES))
-    replicated = NamedSharding(mesh, P())
-    compiled = jax.jit(
-        step,
-        in_shardings=(state_sharding, batch),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
-    )
-
-    def on_mesh(state: Any, batch: jax.Array) -> tuple[Any, dict]:
-        with jax.set_mesh(mesh):  # traced under the mesh: the model's activation pins apply
-            return compiled(state, batch)
-
-    return on_mesh

@@ -157,3 +157,26 @@ def tiny_config(corpus: Path, tmp_path: Path, **train):
     )
     config.train.update(**train)
     return config
+
+
+@pytest.fixture
+def corrupt_batch(monkeypatch):
+    """`corrupt_batch(n)`: the n-th training batch a run draws (0-based) gets an out-of-vocabulary
+    token id, which the model's embedding turns into NaN: a divergence injected from outside."""
+
+    def corrupt_at(index: int) -> None:
+        from resstream.data import Sampler
+
+        draw = Sampler.next_batch
+        calls = iter(range(1 << 30))
+
+        def next_batch(self, rows):
+            batch = draw(self, rows)
+            if next(calls) == index:
+                batch = batch.copy()
+                batch[0, 0] = 1 << 30
+            return batch
+
+        monkeypatch.setattr(Sampler, "next_batch", next_batch)
+
+    return corrupt_at

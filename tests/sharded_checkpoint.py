@@ -17,7 +17,7 @@ from flax import nnx
 from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
 from resstream.checkpoint import Checkpoints
-from resstream.train import OptimizerConfig, init_state, make_optimizer
+from resstream.train import OptimizerConfig, init_state, make_optimizer, mesh_steps
 
 CFG = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64)
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
@@ -33,7 +33,7 @@ def main(command: str, directory: Path) -> None:
     shardings = S.state_shardings(state, mesh)
     state = S.shard(state, shardings)
     if command == "save":
-        step = S.sharded_train_step(mesh, shardings, graphdef, OPTIMIZER)
+        step = mesh_steps(mesh, shardings, graphdef, OPTIMIZER).train
         for batch in jax.random.randint(jax.random.key(1), (2, 1, 8, 17), 0, 61):
             state, _ = step(state, batch)
         Checkpoints(directory / "from8").save(2, state, {"model_config": CFG.to_dict()})

@@ -14,7 +14,7 @@ from flax import nnx
 
 from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
-from resstream.train import OptimizerConfig, init_state, make_optimizer, train_step
+from resstream.train import OptimizerConfig, init_state, make_optimizer, mesh_steps, train_step
 
 CFG = ModelConfig(vocab_size=61, n_layers=2, d_model=32, n_heads=4, n_ctx=16, d_mlp=64, norm=sys.argv[1])
 # b_K's gradient is analytically zero (softmax ignores a shift shared by every key), so Adam turns
@@ -38,7 +38,7 @@ def train(mesh_config: S.MeshConfig | None) -> tuple[list[float], object, dict]:
         mesh = S.make_mesh(mesh_config)
         shardings = S.state_shardings(state, mesh)
         state = S.shard(state, shardings)
-        step = S.sharded_train_step(mesh, shardings, graphdef, OPTIMIZER)
+        step = mesh_steps(mesh, shardings, graphdef, OPTIMIZER).train
     losses = []
     for batch in BATCHES:
         state, metrics = step(state, batch)

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 
 from resstream import ConfigError, ModelConfig
-from resstream.model import attention_implementation
+from resstream.devices import attention_implementation
 
 
 def test_defaults_are_resolved():

@@ -183,9 +183,10 @@ def test_bad_settings_are_refused_before_anything_is_written(corpus_slice, tmp_p
         run(config(corpus_slice, tmp_path), tmp_path / "a_file")
 
 
-def test_a_failed_run_closes_what_it_opened(corpus_slice, tmp_path):
+def test_a_failed_run_closes_what_it_opened(corpus_slice, tmp_path, corrupt_batch):
+    corrupt_batch(3)
     with pytest.raises(DivergenceError):
-        run(config(corpus_slice, tmp_path, steps=6, debug_nan_step=3), tmp_path / "run")
+        run(config(corpus_slice, tmp_path, steps=6), tmp_path / "run")
     assert not (tmp_path / "run" / ".lock").exists()
     with RunLock(tmp_path / "run"), Checkpoints(tmp_path / "run" / "checkpoints") as checkpoints:
         assert checkpoints.all_steps() == [2]  # an unreleased lock would raise RunLockedError here

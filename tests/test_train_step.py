@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import TINY
 from resstream import ModelConfig, Transformer
 from resstream.checkpoint import CheckpointError, Checkpoints
-from resstream.train import OptimizerConfig, decay_mask, init_state, make_optimizer, train_step
+from resstream.train import OptimizerConfig, decay_mask, init_state, make_optimizer, optimizer_step, train_step
 
 
 def _setup(**model):
@@ -69,7 +69,7 @@ def _equations(jaxpr: jex.core.Jaxpr):
 def _traced_step(dtype: str) -> tuple[list, list[tuple[str, ...]]]:
     """The train step (telemetry on) traced: the dtypes of every value, and of each matmul's operands."""
     _, optimizer, graphdef, state = _setup(dtype=dtype)
-    step = functools.partial(train_step.__wrapped__, graphdef=graphdef, optimizer=optimizer, telemetry=True)
+    step = functools.partial(optimizer_step, graphdef=graphdef, optimizer=optimizer, telemetry=True)
     jaxpr = jax.make_jaxpr(step)(state, jnp.zeros((1, 2, 9), jnp.int32)).jaxpr
     eqns = list(_equations(jaxpr))
     dtypes = [v.aval.dtype for e in eqns for v in [*e.invars, *e.outvars] if hasattr(getattr(v, "aval", None), "dtype")]

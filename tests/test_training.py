@@ -61,8 +61,11 @@ def test_telemetry_on_and_off_give_identical_losses(corpus_slice, tmp_path):
     assert "layer_attn_out_norm" not in read_log(tmp_path / "off")[0]
 
 
-def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(corpus_slice, tmp_path):
-    config = tiny_config(corpus_slice, tmp_path, steps=40, debug_nan_step=24)
+def test_non_finite_loss_stops_the_run_and_writes_no_checkpoint(corpus_slice, tmp_path, corrupt_batch):
+    """The divergence is read at the next logged step (30), not at once; the run still names step
+    25, applies nothing from it on, and saves no checkpoint after it."""
+    corrupt_batch(24)
+    config = tiny_config(corpus_slice, tmp_path, steps=40, log_every=10)
     with pytest.raises(DivergenceError) as err:
         run(config, tmp_path / "run")
     assert "step 25: loss nan is not finite" in str(err.value)
@@ -144,7 +147,7 @@ def test_sigterm_writes_a_complete_checkpoint(corpus_slice, tmp_path):
     assert checkpoints.all_steps() == [summary["step"]]
     from flax import nnx
 
-    from resstream.loop import model_config, optimizer_config
+    from resstream.config import model_config, optimizer_config
     from resstream.model import Transformer
     from resstream.train import init_state, make_optimizer
 
