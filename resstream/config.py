@@ -117,13 +117,15 @@ class ModelConfig:
         multiple of 8, at most 128."""
         return self.dtype in ("bfloat16", "float16") and self.d_head % 8 == 0 and self.d_head <= 128
 
-    def check_layer(self, layer: int, *, what: str = "layer", error: type[Exception] = IndexError) -> int:
+    def check_layer(
+        self, layer: int, *, what: str = "layer", error: type[Exception] = IndexError, hint: str = ""
+    ) -> int:
         """`layer` as an index 0..n_layers-1 (a negative one counts from the last layer, as in Python);
-        `error` (naming `what`) when the model has no such layer."""
+        `error` (naming `what`, followed by `hint`) when the model has no such layer."""
         if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
-            raise error(f"{what}={layer!r} must be an integer layer index")
+            raise error(f"{what}={layer!r} must be an integer layer index{hint}")
         if not -self.n_layers <= layer < self.n_layers:
-            raise error(f"{what}={layer} is out of range: the model has layers 0..{self.n_layers - 1}")
+            raise error(f"{what}={layer} is out of range: the model has layers 0..{self.n_layers - 1}{hint}")
         return int(layer) % self.n_layers
 
     def to_dict(self) -> dict[str, Any]:

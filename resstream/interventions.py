@@ -106,11 +106,9 @@ def parse_component(cfg: ModelConfig, label: str) -> tuple[str, int, int | None]
         kind, layer, head = "head", int(m[1]), int(m[2])
     else:
         raise AblationError(f"unknown component {label!r}: components are {_valid_components(cfg)}")
-    if layer >= cfg.n_layers:
-        raise AblationError(
-            f"layer {layer} in {label!r} is out of range: the model has layers 0..{cfg.n_layers - 1} "
-            f"(components are {_valid_components(cfg)})"
-        )
+    cfg.check_layer(
+        layer, what=f"{label!r}: layer", error=AblationError, hint=f" (components are {_valid_components(cfg)})"
+    )
     if head is not None and head >= cfg.n_heads:
         raise AblationError(
             f"head {head} in {label!r} is out of range: each layer has heads 0..{cfg.n_heads - 1} "

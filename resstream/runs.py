@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
 from ml_collections import ConfigDict
+
+from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
+from resstream.config import model_config, optimizer_config
+from resstream.data import ByteTokenizer
+from resstream.model import Transformer
+from resstream.train import init_state, make_optimizer
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -17,17 +24,10 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{run_dir} is not a run directory (no config.json): train one with python train.py") from err
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, Any]:
-    """(config, model with the run's checkpoint at `step`, default the latest) of a run directory.
-    Raises CheckpointError when it is not a run, or its checkpoint cannot be used; a corrupt
-    checkpoint's error names the newest intact one."""
-    from flax import nnx
-
-    from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
-    from resstream.config import model_config, optimizer_config
-    from resstream.model import Transformer
-    from resstream.train import init_state, make_optimizer
-
+def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, ByteTokenizer, ConfigDict]:
+    """(model, tokenizer, config) of a run directory made by train.py: the model holds the run's
+    checkpoint at `step` (default: the latest). Raises CheckpointError when `run_dir` is not a run or
+    its checkpoint cannot be used; a corrupt checkpoint's error names the newest intact one."""
     config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json): train one with python train.py")
@@ -51,4 +51,4 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[ConfigDict, 
                 err.step,
             ) from err
     nnx.update(model, state.params)
-    return config, model
+    return model, ByteTokenizer(), config

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import built, max_rel_err, roundoff_tolerance
-from resstream import ResidualStream
+from resstream.stream import ResidualStream
 from resstream import patching as P  # noqa: N812
 from resstream.interventions import AblationError
 
@@ -39,17 +39,21 @@ def test_patching_the_whole_clean_stream_at_layer_0_gives_the_clean_logits(arch)
 
 @pytest.mark.parametrize("arch", [{}, {"norm_placement": "post", "positions": "rotary"}, {"residual": False}])
 def test_each_grid_cell_equals_the_patch_done_by_hand(arch):
+    """Grid cells against the patch done by hand; the unpatched differences against the logits of
+    plain forward passes, indexed here."""
     model, clean, corrupted, _ = _pair(**arch)
     answer, wrong = clean[:, -1], corrupted[:, -1]
     result = P.patch_resid(model, clean, corrupted, answer, wrong)
-    seq = clean.shape[1]
+    seq, rows = clean.shape[1], jnp.arange(clean.shape[0])
     assert result.logit_diff.shape == (model.cfg.n_layers, seq)
     for layer, position in [(0, 3), (1, seq - 1), (2, 0), (2, 7)]:
         logits = _patched_by_hand(model, clean, corrupted, layer, position)
-        expected = jnp.mean(logits[jnp.arange(2), -1, answer] - logits[jnp.arange(2), -1, wrong])
+        expected = jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
         assert abs(float(result.logit_diff[layer, position]) - float(expected)) < 1e-5
-    np.testing.assert_allclose(result.clean_diff, P._logit_diff(model(clean), answer, wrong), rtol=1e-5)
-    np.testing.assert_allclose(result.corrupted_diff, P._logit_diff(model(corrupted), answer, wrong), rtol=1e-5)
+    for tokens, diff in ((clean, result.clean_diff), (corrupted, result.corrupted_diff)):
+        logits = model(tokens)
+        expected = jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
+        np.testing.assert_allclose(diff, expected, rtol=1e-5)
 
 
 def test_recovered_is_one_where_the_patch_restores_everything():
@@ -60,6 +64,21 @@ def test_recovered_is_one_where_the_patch_restores_everything():
     result = P.patch_resid(model, clean, corrupted, clean[:, -1], corrupted[:, -1])
     assert abs(float(result.recovered[0, -1]) - 1.0) < 1e-4
     np.testing.assert_allclose(result.recovered[:, :-1], 0.0, atol=1e-4)
+
+
+def test_identical_prompts_leave_nothing_to_recover():
+    """clean == corrupted: every patch changes nothing, so each cell's logit difference is the clean
+    one, and `recovered` is NaN at every (layer, position) since there is nothing to recover."""
+    model, clean, _, logits = _pair()
+    answer, wrong = clean[:, -1], (clean[:, -1] + 1) % model.cfg.vocab_size
+    result = P.patch_resid(model, clean, clean, answer, wrong)
+    rows = jnp.arange(clean.shape[0])
+    clean_diff = float(jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong]))
+    assert abs(float(result.clean_diff) - clean_diff) <= 1e-5 * abs(clean_diff)
+    assert result.corrupted_diff == result.clean_diff  # the same run: exactly, or recovered is garbage
+    assert result.recovered.shape == (model.cfg.n_layers, clean.shape[1])
+    assert np.all(np.isnan(np.asarray(result.recovered)))
+    np.testing.assert_allclose(result.logit_diff, np.full(result.logit_diff.shape, clean_diff), rtol=1e-5)
 
 
 def test_patching_refuses_mismatched_prompts_and_bad_answers():

@@ -66,7 +66,9 @@ def test_a_refused_resume_changes_nothing(corpus_slice, finished, copy):
     with pytest.raises(Exception, match=r"made for a different model \(n_layers: saved 2 vs now 3\)"):
         run(bigger, copy)
     assert snapshot(copy) == before  # config.json included: sample and ablate still load the run
-    load_run(copy)
+    model, tokenizer, loaded = load_run(copy)
+    assert model.cfg.n_layers == loaded.model.n_layers == 2  # the saved model, not the refused one
+    assert tokenizer.decode(tokenizer.encode("def f():")) == "def f():"
 
 
 def test_a_finished_run_run_again_says_so_and_changes_nothing(corpus_slice, finished, copy, capsys):

@@ -185,9 +185,9 @@ def single_device_run(corpus_slice, tmp_path_factory) -> Path:
 def _final_params(run_dir: Path) -> list[np.ndarray]:
     from flax import nnx
 
-    from resstream.cli import load_run
+    from resstream import load_run
 
-    _, model = load_run(run_dir)
+    model, _, _ = load_run(run_dir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
