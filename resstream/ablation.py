@@ -96,9 +96,11 @@ class SweepTable:
 
     @property
     def total(self) -> jax.Array:
+        """Loss change [n] with each component ablated: loss - baseline."""
         return self.loss - self.baseline
 
     def rows(self) -> list[dict[str, Any]]:
+        """One dict per row, for CSV and JSON."""
         total, loss = np.asarray(self.total, np.float64), np.asarray(self.loss, np.float64)
         direct = np.full_like(total, np.nan) if self.direct is None else np.asarray(self.direct, np.float64)
         return [
@@ -242,10 +244,12 @@ class DeletionCurve:
 
     @property
     def k(self) -> np.ndarray:
+        """Layers deleted by each draw [n_draws]."""
         return np.array([len(d) for d in self.deleted])
 
     @property
     def ks(self) -> np.ndarray:
+        """The distinct numbers of layers deleted, ascending."""
         return np.unique(self.k)
 
     def by_k(self) -> dict[int, np.ndarray]:

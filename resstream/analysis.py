@@ -89,10 +89,7 @@ def _point(model: Transformer, layer: int | None, mid: bool) -> int:
             f"pass layer={n + layer} (n_layers{layer}) for the stream entering layer {n + layer}"
         )
     if not final:
-        try:
-            layer = cfg.check_layer(layer, error=ValueError)
-        except ValueError as err:
-            raise ValueError(f"{err} (or {n}, -1 or None for the final stream)") from None
+        layer = cfg.check_layer(layer, error=ValueError, hint=f" (or {n}, -1 or None for the final stream)")
     if mid and (final or cfg.attn_only):
         what = "an attention-only model has none" if cfg.attn_only else f"pass a layer 0..{n - 1}, not the final stream"
         raise ValueError(f"mid=True names the stream between a layer's attention and its MLP: {what}")
@@ -173,8 +170,6 @@ def _stacked_writes(model: Transformer, view: CacheView, point: int, split_heads
     so the cache's stacked [n_layers, ...] arrays are used whole, as blocks."""
     n_layers, partial = divmod(point, model.cfg.sublayers_per_layer)
     blocks, labels = list(prefix.blocks), list(prefix.labels)
-    if model.cfg.attn_only:
-        partial = 0
     order = None
     if n_layers:
         n_prefix = len(labels)
@@ -248,7 +243,7 @@ def _accumulated(model: Transformer, view: CacheView, stop: int, mid: bool) -> L
         if cfg.norm_placement == "post":
             linear, bias = _post_norm(model, view, layer, kind)
             x = linear(x) if bias is None else linear(x) + bias
-        if kind == "attn" and not cfg.attn_only:  # between this layer's attention and its MLP
+        if (k + 1) % cfg.sublayers_per_layer:  # between this layer's attention and its MLP
             if mid:
                 rows.append(x)
                 labels.append(f"{layer}_mid")

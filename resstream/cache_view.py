@@ -33,10 +33,10 @@ import numpy as np
 from flax import nnx
 
 from resstream.model import LAYER_RECORDS, Cache, TokenError, Transformer
+from resstream.stream import OPTIONAL_RECORDS
 
 Index = int | slice | jax.Array | Any  # None (everything), an int, a slice, or an integer index array
 SELECTIONS = ("batch", "pos")  # the arguments that select from the cache, and their axes in order
-_OPTIONAL = ("resid_pre", "resid_mid", "mlp_post", "pattern")  # recorded only on request
 
 
 def take(x: jax.Array, axis: int, index: Index) -> jax.Array:
@@ -98,7 +98,7 @@ class CacheView:
         if key not in self._done:
             if key not in self.cache:
                 hint = "model.run_with_cache(tokens) (mode='full')"
-                if key in _OPTIONAL:
+                if key in OPTIONAL_RECORDS:
                     hint = f"model.run_with_cache(tokens, record=({key!r},))"
                 raise KeyError(f"the cache has no {key!r}: make it with {hint}")
             batch_axis = 1 if key in LAYER_RECORDS else 0
@@ -143,7 +143,7 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
         bound = signature.bind(model, cache, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(list(bound.arguments.items())[2:])
-        check_indices(model, cache, arguments, token_args)
+        _check_indices(model, cache, arguments, token_args)
         traced, static = {}, []
         for name, value in arguments.items():
             if name in SELECTIONS and _is_int(value):  # traced: one program for every position
@@ -187,7 +187,7 @@ def _first_outside(value: Any, lo: int, hi: int) -> tuple[int, str] | None:
     return int(host[at]), f" (at index {list(at)})" if at else ""
 
 
-def check_indices(model: Transformer, cache: Cache, arguments: dict[str, Any], token_args: tuple[str, ...]) -> None:
+def _check_indices(model: Transformer, cache: Cache, arguments: dict[str, Any], token_args: tuple[str, ...]) -> None:
     """Raise IndexError for a known `pos` / `batch` entry outside the cache, and TokenError for a
     known token id (in the arguments named by `token_args`) outside the vocabulary: a JAX gather
     would clamp either to the last row silently. Traced values are left to `_nan_outside`."""

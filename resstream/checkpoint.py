@@ -114,9 +114,11 @@ class Checkpoints:
         self.close()
 
     def latest_step(self) -> int | None:
+        """The newest checkpoint's step, or None when there is none."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Every checkpoint's step, ascending."""
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, val_loss: float | None = None) -> None:
@@ -198,6 +200,7 @@ class Checkpoints:
         return moved
 
     def close(self) -> None:
+        """Finish pending writes and release orbax's resources."""
         self.manager.close()
 
 

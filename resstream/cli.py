@@ -76,6 +76,7 @@ def _join_hosts() -> None:
 
 
 def sample_main(argv: list[str]) -> None:
+    """`python -m resstream sample RUN_DIR ...`: continue a prompt with a trained run."""
     from resstream.sampling import check_sampling
 
     parser = argparse.ArgumentParser(prog="python -m resstream sample", description="sample from a trained run")
@@ -122,6 +123,7 @@ def _validation_batches(config: Any, seq: int, batch_size: int, n_batches: int) 
 
 
 def ablate_main(argv: list[str]) -> None:
+    """`python -m resstream ablate --checkpoint RUN_DIR ...`: sweep, deletion curves, patching."""
     from resstream import ablation as A  # noqa: N812
     from resstream import interventions, study_report
 

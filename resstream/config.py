@@ -89,14 +89,17 @@ class ModelConfig:
 
     @property
     def compute_dtype(self) -> jnp.dtype:
+        """The dtype activations and matmuls are computed in."""
         return jnp.dtype(self.dtype)
 
     @property
     def params_dtype(self) -> jnp.dtype:
+        """The dtype parameters are stored in."""
         return jnp.dtype(self.param_dtype)
 
     @property
     def sublayers_per_layer(self) -> int:
+        """2 (attention, MLP), or 1 for an attention-only model."""
         return 1 if self.attn_only else 2
 
     @property
@@ -129,10 +132,12 @@ class ModelConfig:
         return int(layer) % self.n_layers
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (JSON-ready; saved with checkpoints)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """A ModelConfig from `to_dict()`'s output; unknown fields are a ConfigError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

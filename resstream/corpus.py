@@ -39,6 +39,7 @@ def _in_validation(key: str, validation_fraction: float) -> bool:
 
 
 def stdlib_root() -> Path:
+    """The running interpreter's standard-library directory."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 

@@ -33,10 +33,12 @@ class ByteTokenizer:
     dtype = np.uint8
 
     def encode(self, text: str | bytes) -> np.ndarray:
+        """Text (str, UTF-8 encoded, or bytes) -> token ids [n] uint8, one per byte."""
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return np.frombuffer(data, dtype=np.uint8)
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
+        """Token ids -> text; bytes that are not valid UTF-8 become U+FFFD."""
         return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 

@@ -21,14 +21,17 @@ from resstream.sharding import BATCH_AXES, constrain
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> nnx.Param:
+    """A parameter drawn from N(0, std^2) in float32, stored as `dtype`."""
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
 
 def zeros_param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
+    """A parameter of zeros."""
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout of `x` at `rate` (no-op without a key or at rate 0)."""
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)

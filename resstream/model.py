@@ -205,6 +205,7 @@ class Transformer(nnx.Module):
         return self.W_E[...].T if self.W_U is None else self.W_U[...]
 
     def rope(self, seq: int) -> tuple[jax.Array, jax.Array] | None:
+        """Rotary cos/sin tables [seq, d_head] for rotary positions, else None."""
         cfg = self.cfg
         return rotary_tables(seq, cfg.d_head, cfg.rotary_base) if cfg.positions == "rotary" else None
 

@@ -40,6 +40,7 @@ class PatchingResult:
 
     @property
     def recovered(self) -> jax.Array:
+        """[n_layers, seq]: (patched - corrupted) / (clean - corrupted); NaN when clean == corrupted."""
         gap = self.clean_diff - self.corrupted_diff
         safe = jnp.where(gap == 0, 1.0, gap)
         return jnp.where(gap == 0, jnp.nan, (self.logit_diff - self.corrupted_diff) / safe)

@@ -50,6 +50,7 @@ class ResidualStream:
     optional: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     def read(self) -> jax.Array:
+        """The stream [batch, seq, d_model] as the next sublayer reads it."""
         return self.resid
 
     def write(self, name: str, value: jax.Array) -> ResidualStream:

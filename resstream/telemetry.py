@@ -40,6 +40,7 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a dict with "step") to the JSONL log and TensorBoard."""
         record = {key: _plain(value) for key, value in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -56,6 +57,7 @@ class MetricsLog:
             self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the log files."""
         if self.writer is not None:
             self.writer.close()
 

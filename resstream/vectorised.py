@@ -51,6 +51,7 @@ class Schedule:
 
     @property
     def n_jobs(self) -> int:
+        """Number of interventions (jobs) in the plan."""
         return len(self.starts)
 
 

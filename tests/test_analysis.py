@@ -4,21 +4,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY, built, max_rel_err, randomize
+from conftest import BATCH, SEQ, TINY, built, max_rel_err, randomize
+from reference import reference_logits
 from resstream import ModelConfig, TokenError, Transformer
 from resstream import analysis as A  # noqa: N812  (the short name reads better in tests)
-
-
-@pytest.fixture(autouse=True)
-def eager_on_the_grid(request):
-    """On the 96-configuration grid, run the analysis functions eagerly: the same code as the
-    default compiled path (held equal to it below), without compiling one program per
-    configuration and function, which would triple the suite's time."""
-    if "arch" in request.fixturenames:
-        with jax.disable_jit():
-            yield
-    else:
-        yield
+from resstream.cache_view import _run_compiled
 
 
 def test_compiled_analysis_equals_eager(sampled_arch):
@@ -26,7 +16,7 @@ def test_compiled_analysis_equals_eager(sampled_arch):
     calls = {
         "decompose_logits": lambda: A.decompose_logits(model, cache, split_heads=True),
         "decompose_resid": lambda: A.decompose_resid(model, cache, 1, pos=slice(1, 4)),
-        "logit_attrs": lambda: A.logit_attrs(model, cache, tokens, incorrect_tokens=3, batch=1),
+        "logit_attrs": lambda: A.logit_attrs(model, cache, tokens, 3, batch=1, select_tokens=True),
         "logit_lens": lambda: A.logit_lens(model, cache, pos=-1),
         "head_results": lambda: A.head_results(model, cache, 0),
     }
@@ -57,16 +47,24 @@ def test_decompose_resid_sums_to_the_stream_at_every_layer(sampled_arch):
 
 
 def test_logit_lens_reads_every_layer_and_ends_at_the_logits(sampled_arch):
-    model, _tokens, logits, cache = built(**sampled_arch)
+    """Each row of the lens is the logits of the model cut short at that point: computed here by
+    the independent float64 implementation (tests/reference.py) with every later sublayer left out,
+    which applies the final norm with its own scale, then W_U and b_U."""
+    model, tokens, logits, cache = built(**sampled_arch)
+    cfg = model.cfg
     lens = A.logit_lens(model, cache, mid=True)
     assert lens.labels[0] == "0_pre" and lens.labels[-1] == "final"
     assert max_rel_err(lens["final"], logits) <= 1e-5
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sublayers = [(layer, kind) for layer in range(cfg.n_layers) for kind in ("attn", "mlp")]
+    for layer in range(cfg.n_layers):
+        points = {f"{layer}_pre": 2 * layer} | ({} if cfg.attn_only else {f"{layer}_mid": 2 * layer + 1})
+        for label, kept in points.items():
+            expected = reference_logits(params, cfg, np.asarray(tokens), skip=set(sublayers[kept:]))
+            assert max_rel_err(lens[label], expected) <= 1e-5, label
     resid = A.accumulated_resid(model, cache, mid=True)
-    for layer in range(model.cfg.n_layers):
+    for layer in range(cfg.n_layers):
         assert max_rel_err(resid[f"{layer}_pre"], cache["resid_pre"][layer]) <= 1e-5
-        # the lens recomputes the final norm on each layer's own stream
-        expected, _ = model.unembed(cache["resid_pre"][layer])
-        assert max_rel_err(lens[f"{layer}_pre"], expected) <= 1e-5
 
 
 def test_head_results_plus_b_O_sum_to_attn_out(sampled_arch):
@@ -112,7 +110,7 @@ def test_position_and_batch_selection_equal_slicing_the_full_result():
     np.testing.assert_allclose(
         some.values, A.decompose_resid(model, cache, 2).values[:, jnp.array([1, 0]), 2:5], rtol=1e-6
     )
-    attrs = A.logit_attrs(model, cache, tokens, pos=3)
+    attrs = A.logit_attrs(model, cache, tokens, pos=3, select_tokens=True)
     np.testing.assert_allclose(attrs.values, A.logit_attrs(model, cache, tokens).values[:, :, 3], rtol=1e-5, atol=1e-5)
     lens = A.logit_lens(model, cache, pos=0, batch=0)
     np.testing.assert_allclose(lens["final"], logits[0, 0], rtol=1e-5, atol=1e-5)
@@ -164,10 +162,11 @@ def test_analysis_functions_compose_with_jit():
     def attribute(state, tokens):
         m = nnx.merge(graphdef, state)
         _logits, cache = m.run_with_cache(tokens)
-        return A.logit_attrs(m, cache, tokens, pos=-1)
+        return A.logit_attrs(m, cache, tokens[:, -1], pos=-1)
 
     attrs = attribute(state, tokens)
-    np.testing.assert_allclose(attrs.values, A.logit_attrs(model, cache, tokens, pos=-1).values, rtol=1e-5, atol=1e-5)
+    expected = A.logit_attrs(model, cache, tokens, pos=-1, select_tokens=True).values
+    np.testing.assert_allclose(attrs.values, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_errors_name_the_valid_choices():
@@ -198,7 +197,7 @@ def test_out_of_range_token_ids_raise():
     with pytest.raises(TokenError, match=r"token id -1 .*`incorrect_tokens`.*not Python indices"):
         A.logit_attrs(model, cache, tokens, incorrect_tokens=-1)
     with pytest.raises(TokenError, match=r"token id 61 .*`tokens` holds it \(at index \[1, 4\]\)"):
-        A.logit_attrs(model, cache, tokens.at[1, 4].set(61), pos=0)  # checked even where not selected
+        A.logit_attrs(model, cache, tokens.at[1, 4].set(61), pos=0, select_tokens=True)  # even where not selected
 
 
 def test_out_of_range_pos_and_batch_raise():
@@ -206,7 +205,7 @@ def test_out_of_range_pos_and_batch_raise():
     row; in-range negative indices still count from the end, and slices keep Python semantics."""
     model, tokens, _logits, cache = built(**{})
     calls = {
-        "logit_attrs": lambda **kw: A.logit_attrs(model, cache, tokens, **kw),
+        "logit_attrs": lambda **kw: A.logit_attrs(model, cache, tokens, select_tokens=True, **kw),
         "decompose_logits": lambda **kw: A.decompose_logits(model, cache, **kw),
         "decompose_resid": lambda **kw: A.decompose_resid(model, cache, 1, **kw),
         "logit_lens": lambda **kw: A.logit_lens(model, cache, **kw),
@@ -232,8 +231,10 @@ def test_out_of_range_pos_and_batch_raise():
                 call(**kwargs)
                 pytest.fail(f"{name}(**{kwargs}) did not raise")
     # the bounds themselves are valid and count from the end
-    lo = A.logit_attrs(model, cache, tokens, pos=-12, batch=-2, split_heads=True).values
-    np.testing.assert_array_equal(lo, A.logit_attrs(model, cache, tokens, pos=0, batch=0, split_heads=True).values)
+    lo = A.logit_attrs(model, cache, tokens, pos=-12, batch=-2, split_heads=True, select_tokens=True).values
+    np.testing.assert_array_equal(
+        lo, A.logit_attrs(model, cache, tokens[0, 0], pos=0, batch=0, split_heads=True).values
+    )
     hi = A.decompose_resid(model, cache, 1, pos=jnp.array([-1, 11]), batch=slice(-5, 9))
     np.testing.assert_array_equal(hi.values[:, :, 0], hi.values[:, :, 1])
     np.testing.assert_array_equal(hi.values, A.decompose_resid(model, cache, 1, pos=jnp.array([11, 11])).values)
@@ -247,7 +248,8 @@ def test_traced_out_of_range_indices_give_nan_rows_inside_jit():
 
     @jax.jit
     def attrs(state, cache, targets, incorrect, pos, batch):
-        return A.logit_attrs(nnx.merge(graphdef, state), cache, targets, incorrect, pos=pos, batch=batch).values
+        m = nnx.merge(graphdef, state)
+        return A.logit_attrs(m, cache, targets, incorrect, pos=pos, batch=batch, select_tokens=True).values
 
     targets = jnp.roll(tokens, -1, axis=1)
     bad_targets = targets.at[0, 3].set(61).at[1, 5].set(-1)
@@ -257,7 +259,7 @@ def test_traced_out_of_range_indices_give_nan_rows_inside_jit():
     good_pos = jnp.where((pos >= -12) & (pos < 12), pos, 0)
     good_batch = jnp.where((batch >= -2) & (batch < 2), batch, 0)
     expected = np.asarray(
-        A.logit_attrs(model, cache, targets, jnp.full_like(tokens, 7), pos=good_pos, batch=good_batch).values
+        A.logit_attrs(model, cache, targets, 7, pos=good_pos, batch=good_batch, select_tokens=True).values
     )
     nan = np.zeros(got.shape[1:], bool)
     nan[:, [1, 3]] = True  # positions 12 and -13
@@ -289,3 +291,79 @@ def test_static_out_of_range_indices_raise_inside_jit():
         jax.jit(lambda cache: A.logit_lens(model, cache, batch=-3).values)(cache)
     with pytest.raises(TokenError, match=r"token id 300 is outside the vocabulary \[0, 61\)"):
         jax.jit(lambda cache: A.logit_attrs(model, cache, 300).values)(cache)
+
+
+def test_integer_positions_and_sequences_compile_once():
+    """An int `pos` / `batch` is traced, not a static argument: a loop over positions or sequences
+    is one compiled program, not one per index, and every index still reads its own row."""
+    model, tokens, _logits, cache = built(**{})
+    targets = jnp.roll(tokens, -1, axis=1)
+    full_attrs, full_logits = A.logit_attrs(model, cache, targets).values, A.decompose_logits(model, cache).values
+    loops = {
+        "logit_attrs, pos": (range(-SEQ, SEQ), lambda p: A.logit_attrs(model, cache, targets[:, p], pos=p)),
+        "decompose_logits, pos": (range(-SEQ, SEQ), lambda p: A.decompose_logits(model, cache, pos=p)),
+        "logit_attrs, batch": (range(-BATCH, BATCH), lambda b: A.logit_attrs(model, cache, targets[b], batch=b)),
+        "decompose_logits, batch": (range(-BATCH, BATCH), lambda b: A.decompose_logits(model, cache, batch=b)),
+    }
+    expected = {
+        "logit_attrs, pos": lambda p: full_attrs[:, :, p],
+        "decompose_logits, pos": lambda p: full_logits[:, :, p],
+        "logit_attrs, batch": lambda b: full_attrs[:, b],
+        "decompose_logits, batch": lambda b: full_logits[:, b],
+    }
+    for name, (indices, call) in loops.items():
+        before, compiled = _run_compiled._cache_size(), []
+        for i in indices:
+            np.testing.assert_allclose(call(i).values, expected[name](i), rtol=1e-5, atol=1e-5, err_msg=f"{name}={i}")
+            compiled.append(_run_compiled._cache_size() - before)
+        assert compiled[0] <= 1 and set(compiled) == {compiled[0]}, f"{name}: compiles after each call {compiled}"
+
+
+def test_tokens_shaped_like_the_selection_are_not_selected_again():
+    """By default `tokens` are shaped like the selection, whatever that shape is: ids for an index
+    array of every position (here reversed) are used as given, not selected a second time because
+    their shape happens to be the cache's [batch, seq]. `select_tokens=True` selects ids given for
+    the whole cache; a shape that fits neither is refused, naming both."""
+    model, tokens, _logits, cache = built(**{})
+    targets = jnp.roll(tokens, -1, axis=1)
+    reverse = np.arange(SEQ)[::-1]
+    full = A.logit_attrs(model, cache, targets, incorrect_tokens=5).values
+    given = A.logit_attrs(model, cache, targets[:, reverse], incorrect_tokens=5, pos=reverse)
+    np.testing.assert_allclose(given.values, full[:, :, reverse], rtol=1e-5, atol=1e-5)
+    selected = A.logit_attrs(model, cache, targets, incorrect_tokens=5, pos=reverse, select_tokens=True)
+    np.testing.assert_allclose(selected.values, full[:, :, reverse], rtol=1e-5, atol=1e-5)
+    every = A.logit_attrs(model, cache, targets, incorrect_tokens=5, pos=slice(None))
+    np.testing.assert_allclose(every.values, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tokens has shape \(2, 12\), which does not fit the selection's shape "):
+        A.logit_attrs(model, cache, targets, pos=3)  # the whole cache's ids, without select_tokens=True
+    with pytest.raises(ValueError, match=r"incorrect_tokens has shape \(2, 3\): with select_tokens=True, pass ids "):
+        A.logit_attrs(model, cache, targets, targets[:, :3], pos=slice(0, 3), select_tokens=True)
+
+
+def test_layer_minus_one_is_the_final_stream_as_in_transformer_lens():
+    """For a point in the stream, None, -1 and n_layers are the final stream and no other negative
+    layer is taken; for head and neuron results, which name a layer, -1 is the last layer."""
+    model, tokens, _logits, cache = built(**{"mlp": "swiglu"})
+    n = model.cfg.n_layers
+    for name, call in {"decompose_resid": A.decompose_resid, "accumulated_resid": A.accumulated_resid}.items():
+        final = call(model, cache, pos=-1)
+        for layer in (-1, n):
+            got = call(model, cache, layer, pos=-1)
+            assert got.labels == final.labels, name
+            np.testing.assert_array_equal(got.values, final.values, err_msg=name)
+    assert final.labels == (*[f"{layer}_pre" for layer in range(n)], "final")
+    with pytest.raises(ValueError, match=r"layer=-2: only -1 \(the final stream\) counts from the end here, "):
+        A.decompose_resid(model, cache, -2)
+    with pytest.raises(ValueError, match=r"pass layer=1 \(n_layers-2\) for the stream entering layer 1"):
+        A.accumulated_resid(model, cache, -2)
+    with pytest.raises(ValueError, match=r"layer=-4 is out of range: the model has layers 0\.\.2"):
+        A.decompose_resid(model, cache, -4)
+    with pytest.raises(ValueError, match="not the final stream"):
+        A.decompose_resid(model, cache, -1, mid=True)
+    np.testing.assert_array_equal(
+        A.head_results(model, cache, -1, pos=-1).values, A.head_results(model, cache, n - 1, pos=-1).values
+    )
+    _, with_post = model.run_with_cache(tokens, record=("mlp_post",))
+    last = A.neuron_results(model, with_post, -1, pos=-1)
+    assert last.labels[-1] == f"L{n - 1}_b_out"
+    assert max_rel_err(last.sum(), with_post["mlp_out"][n - 1][:, -1]) <= 1e-5
