@@ -3,9 +3,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from resstream.cli import main, train_main
+from resstream.data import ByteTokenizer
+from resstream.runs import load_run
+from resstream.sampling import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +39,15 @@ def test_train_command_with_overrides_then_sample(corpus_slice, tmp_path, capsys
     assert '"norm": "rmsnorm"' in (tmp_path / "run" / "config.json").read_text()
     capsys.readouterr()
     main(["sample", str(tmp_path / "run"), "--prompt", "import ", "--tokens", "20", "--temperature", "0"])
-    assert capsys.readouterr().out.startswith("import ")
+    printed = capsys.readouterr().out
+    # What it printed is the greedy continuation: each new byte the argmax of the trained model's
+    # logits given everything before it (one causal forward pass over the whole sample).
+    model, _, _ = load_run(tmp_path / "run")
+    ids = generate(model, ByteTokenizer().encode("import ")[None], 20, temperature=0)[0]
+    assert printed == ByteTokenizer().decode(ids) + "\n" + "-" * 40 + "\n"
+    logits = np.asarray(model(jnp.asarray(ids[None, :-1])))[0, len("import ") - 1 :]  # predicting ids[7:]
+    chosen = logits[np.arange(20), ids[len("import ") :]]
+    np.testing.assert_allclose(chosen, logits.max(-1), rtol=0, atol=1e-5)
 
     out = tmp_path / "ablation"
     main([

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import built, max_rel_err, roundoff_tolerance
-from resstream.stream import ResidualStream
 from resstream import patching as P  # noqa: N812
 from resstream.interventions import AblationError
+from resstream.stream import ResidualStream
 
 
 def _pair(**arch):
@@ -87,7 +87,7 @@ def test_patching_refuses_mismatched_prompts_and_bad_answers():
         P.patch_resid(model, clean, corrupted[:, 1:], 0, 1)
     with pytest.raises(AblationError, match=r"answer_tokens must be token ids in \[0, 61\)"):
         P.patch_resid(model, clean, corrupted, 99, 1)
-    with pytest.raises(AblationError, match=r"entering layers 0\.\.2"):
+    with pytest.raises(AblationError, match=r"layer=3 is out of range: the model has layers 0\.\.2"):
         P.run_patched(model, clean, corrupted, layer=3)
     with pytest.raises(AblationError, match=r"positions 0\.\.11"):
         P.run_patched(model, clean, corrupted, layer=0, positions=[12])
