@@ -256,7 +256,7 @@ class Transformer(nnx.Module):
     ) -> jax.Array:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). With an `ablation` (and the
         `replacement` values it writes), the ablated model's logits: see `resstream.ablation`."""
-        return self._forward(tokens, mode="off", record=(), rng=rng, ablation=ablation, replacement=replacement)[0]
+        return self.run_with_cache(tokens, mode="off", rng=rng, ablation=ablation, replacement=replacement)[0]
 
     def run_with_cache(
         self,
@@ -288,26 +288,13 @@ class Transformer(nnx.Module):
             raise ValueError(f"cannot record {unknown}: optional records are {list(OPTIONAL_RECORDS)}")
         if record and mode != "full":
             raise ValueError(f"record={record} needs mode='full', got mode={mode!r}")
-        return self._forward(
-            tokens, mode=mode, record=tuple(record), rng=rng, ablation=ablation, replacement=replacement
-        )
-
-    def _forward(
-        self,
-        tokens: jax.Array,
-        *,
-        mode: str,
-        record: tuple[str, ...],
-        rng: jax.Array | None,
-        ablation: Ablation | None = None,
-        replacement: Replacement | None = None,
-    ) -> tuple[jax.Array, Cache]:
         tokens = check_tokens(tokens, self.cfg)  # outside jit, where a bad id can still raise
         if (ablation is None) != (replacement is None):
             raise ValueError("an ablation needs its replacement values and vice versa: pass both or neither")
         graphdef, state = nnx.split(self)
         with mesh_context((state, tokens)):  # a sharded model pins its activations on its mesh
-            return _compiled_forward(graphdef, state, tokens, rng, (ablation, replacement), mode=mode, record=record)
+            intervention = (ablation, replacement)
+            return _compiled_forward(graphdef, state, tokens, rng, intervention, mode=mode, record=tuple(record))
 
     def forward(
         self,

@@ -36,8 +36,9 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer,
     except ValueError as err:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}): the run's config is damaged") from err
     cfg = model_config(config)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    _, abstract = init_state(model, make_optimizer(optimizer_config(config)), 0)
+    optimizer = make_optimizer(optimizer_config(config))
+    # Shapes only: the checkpoint supplies every value, so nothing is initialised (or compiled) here.
+    graphdef, abstract = nnx.eval_shape(lambda: init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0))
     with Checkpoints(Path(run_dir) / "checkpoints") as checkpoints:
         try:
             state, _ = checkpoints.restore(abstract, cfg, step)
@@ -50,5 +51,4 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer,
                 f"(load_run(run_dir, step={intact[0]}))",
                 err.step,
             ) from err
-    nnx.update(model, state.params)
-    return model, ByteTokenizer(), config
+    return nnx.merge(graphdef, state.params), ByteTokenizer(), config

@@ -192,3 +192,22 @@ def test_a_failed_run_closes_what_it_opened(corpus_slice, tmp_path, corrupt_batc
     assert not (tmp_path / "run" / ".lock").exists()
     with RunLock(tmp_path / "run"), Checkpoints(tmp_path / "run" / "checkpoints") as checkpoints:
         assert checkpoints.all_steps() == [2]  # an unreleased lock would raise RunLockedError here
+
+
+def test_sample_draws_a_fresh_seed_each_call_and_says_which(finished, capsys, monkeypatch):
+    """Two `sample` calls without --seed give different text; each prints its seed, and passing it
+    back with --seed draws the same text again."""
+    from resstream.cli import main
+
+    seeds = iter([11, 22])
+    monkeypatch.setattr("secrets.randbelow", lambda _: next(seeds))
+    args = ["sample", str(finished[0]), "--tokens", "24", "--temperature", "1.0"]
+    main(args)
+    first = capsys.readouterr()
+    main(args)
+    second = capsys.readouterr()
+    assert "note: seed 11 (pass --seed 11 to draw the same samples again)" in first.err
+    assert "note: seed 22" in second.err and first.out != second.out
+    main([*args, "--seed", "11"])
+    again = capsys.readouterr()
+    assert again.out == first.out and "note: seed" not in again.err
