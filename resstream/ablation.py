@@ -258,6 +258,7 @@ class DeletionCurve:
         return {int(k): loss[self.k == k] for k in self.ks}
 
     def rows(self) -> list[dict[str, Any]]:
+        """One dict per draw (k, the layers deleted, loss, loss - baseline), for CSV and JSON."""
         return [
             {"k": len(d), "deleted": " ".join(map(str, d)), "loss": float(x), "delta": float(x - self.baseline)}
             for d, x in zip(self.deleted, np.asarray(self.loss), strict=True)

@@ -53,7 +53,7 @@ def _config_problem(err: Exception, argv: list[str]) -> str:
         return f"config file {path} not found: pass an existing file, such as configs/default.py"
     if isinstance(err, flags.Error):
         return str(err)
-    if isinstance(err, AttributeError | KeyError) and len(argv) > 2:  # an override naming no field?
+    if isinstance(err, AttributeError | KeyError) and len(argv) > 1:  # an override naming no field?
         unknown = _unknown_override(argv, path)
         if unknown:
             return unknown

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # Tests check values, not speed: skip LLVM's optimisation passes, which dominate compile time for
-# tiny models (about 40% of the suite). Set before JAX starts; a caller's XLA_FLAGS are kept.
+# tiny models. Set before JAX starts; a caller's XLA_FLAGS are kept.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 

@@ -104,6 +104,10 @@ def test_train_command_line_mistakes_are_one_line_each(tmp_path, capsys):
     assert train_error(capsys, "--config", tiny, "--config.trian.steps=3") == (
         f"error: --config.trian.steps: the config has no field 'trian' in {tiny} (did you mean \"train\"?)"
     )
+    default = str(ROOT / "configs" / "default.py")  # no --config: the one override is the whole command line
+    assert train_error(capsys, "--config.train.stepz=3") == (
+        f"error: --config.train.stepz: train has no field 'stepz' in {default} (did you mean \"steps\"?)"
+    )
     assert "--config.train.steps=abc: invalid literal for int()" in train_error(
         capsys, "--config", tiny, "--config.train.steps=abc"
     )

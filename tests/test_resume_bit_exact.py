@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The loop's resume path: init_state and shard (the restore target), Checkpoints.save / .restore,
 # and the mesh-compiled train step (one device). At the default level every compile runs LLVM's
-# passes: the step takes about 15 s to compile on a 2-core CPU, and the model's random init (many
-# threefry kernels) another 13 s, so the parameters are drawn with numpy into an abstract model.
+# passes, the step's and the model's random init's (many threefry kernels) alike, so the parameters
+# are drawn with numpy into an abstract model: one slow compile instead of two.
 SCRIPT = """
 import json, sys
 import jax
