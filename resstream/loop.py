@@ -261,9 +261,10 @@ class _Loop:
                 finite, done = metrics["finite"], step + 1
                 unread.append((done, metrics))
                 throughput.stepped(metrics)
-                last = done == tc.steps
+                # The signal is read once per step: one arriving after this line stops the next step.
+                last, stopping = done == tc.steps, stop.signal is not None
                 logs, evaluates = done % tc.log_every == 0 or last, done % tc.eval_every == 0 or last
-                saves = done % tc.checkpoint_every == 0 or last or stop.signal is not None
+                saves = done % tc.checkpoint_every == 0 or last or stopping
                 if not (logs or evaluates or saves):
                     continue
                 _check_finite(unread, self.run_dir)  # the one place the loop waits for the device
@@ -282,7 +283,7 @@ class _Loop:
                     if record.get("tokens_per_s"):
                         postfix["tok_s"] = f"{record['tokens_per_s']:.0f}"
                     progress.set_postfix(postfix)
-                if stop.signal is not None:
+                if stopping:
                     status = f"stopped by signal {signal.Signals(stop.signal).name} after step {done}"
                     break
         return state, status, val

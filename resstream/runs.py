@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -39,6 +40,9 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer,
     optimizer = make_optimizer(optimizer_config(config))
     # Shapes only: the checkpoint supplies every value, so nothing is initialised (or compiled) here.
     graphdef, abstract = nnx.eval_shape(lambda: init_state(Transformer(cfg, rngs=nnx.Rngs(0)), optimizer, 0))
+    # onto this process's first device, whatever mesh or hosts the run was saved from
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     with Checkpoints(Path(run_dir) / "checkpoints") as checkpoints:
         try:
             state, _ = checkpoints.restore(abstract, cfg, step)
