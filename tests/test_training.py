@@ -111,7 +111,7 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> Non
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_exactly(corpus_slice, tmp_path):
-    steps = 150
+    steps = 60  # the victim is killed right after its first checkpoint (step 10)
     args = _overrides(corpus_slice, tmp_path, steps, checkpoint_every=10)
     reference = _train_process(args, tmp_path / "reference")
     assert reference.wait(timeout=300) == 0, reference.communicate()
