@@ -111,3 +111,24 @@ def test_analysis_sweeps_and_patching_run_on_a_sharded_model():
     assert {"attn_out", "mlp_out", "z", "ln1_scale", "embed", "resid_final"} <= set(specs)
     for name, error in result.items():
         assert error < 1e-5, (name, error)
+
+
+def test_sharding_is_a_leaf():
+    """sharding.py imports nothing of resstream's but the config, not even inside a function: the
+    model imports it, so anything more could close an import cycle again."""
+    import ast
+
+    source = Path(S.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("resstream")
+    }
+    imported |= {
+        alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import)
+        for alias in node.names
+        if alias.name.startswith("resstream")
+    }
+    assert imported == {"resstream.config"}
