@@ -19,9 +19,6 @@ from resstream.run_lock import RunLock, RunLockedError
 from resstream.runs import load_run
 from resstream.telemetry import read_log
 
-# One worker runs this module, so its runs (the `finished` fixture) are trained once, not per worker.
-pytestmark = pytest.mark.xdist_group("run_dir")
-
 
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file under `directory` (names and contents): what must not change."""
