@@ -129,13 +129,35 @@ def sampled_arch(request) -> dict:
 @pytest.fixture(scope="session")
 def corpus_slice(tmp_path_factory) -> Path:
     """~400 kB of the default corpus (standard-library sources), as local text files."""
-    directory = tmp_path_factory.mktemp("corpus")
-    size = 0
-    for i, text in enumerate(load_documents(STDLIB, "train")["text"]):
-        (directory / f"doc{i:04d}.txt").write_text(text)
-        size += len(text.encode())
-        if size > 400_000:
-            break
+
+    def write(directory: Path) -> None:
+        size = 0
+        for i, text in enumerate(load_documents(STDLIB, "train")["text"]):
+            (directory / f"doc{i:04d}.txt").write_text(text)
+            size += len(text.encode())
+            if size > 400_000:
+                break
+
+    return shared_dir(tmp_path_factory, "corpus", write)
+
+
+def shared_dir(tmp_path_factory, name: str, make) -> Path:
+    """A directory that `make(directory)` fills once per test session, however many xdist workers
+    ask for it: the first builds it under a lock, the others wait and reuse it (a trained run costs
+    a compile and a training loop per process otherwise). Treat it as read-only."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, under xdist
+    directory = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".complete").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            (directory / ".complete").touch()
     return directory
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import shared_dir, tiny_config
 from resstream.checkpoint import Checkpoints, CorruptCheckpointError, checksums
 from resstream.config import ConfigError
 from resstream.loop import DivergenceError, run
@@ -32,9 +32,11 @@ def snapshot(directory: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished(corpus_slice, tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, cache directory) of a finished 4-step run with checkpoints 2 and 4."""
-    tmp = tmp_path_factory.mktemp("finished")
-    summary = run(config(corpus_slice, tmp), tmp / "run")
-    assert summary["status"] == "completed"
+
+    def train(tmp: Path) -> None:
+        assert run(config(corpus_slice, tmp), tmp / "run")["status"] == "completed"
+
+    tmp = shared_dir(tmp_path_factory, "finished", train)
     return tmp / "run", tmp
 
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config, xla_env
+from conftest import shared_dir, tiny_config, xla_env
 from resstream.checkpoint import CheckpointError, Checkpoints
 from resstream.config import base_config
 from resstream.loop import DivergenceError, run
@@ -175,11 +175,13 @@ def test_incompatible_and_corrupt_checkpoints_are_refused(corpus_slice, tmp_path
 @pytest.fixture(scope="module")
 def single_device_run(corpus_slice, tmp_path_factory) -> Path:
     """train.py on one device, 12 steps: what the mesh and two-host runs must reproduce."""
-    tmp = tmp_path_factory.mktemp("single")
-    process = _train_process(_overrides(corpus_slice, tmp, steps=12, checkpoint_every=6), tmp / "run")
-    _out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    return tmp / "run"
+
+    def train(tmp: Path) -> None:
+        process = _train_process(_overrides(corpus_slice, tmp, steps=12, checkpoint_every=6), tmp / "run")
+        _out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+
+    return shared_dir(tmp_path_factory, "single_device_run", train) / "run"
 
 
 def _final_params(run_dir: Path) -> list[np.ndarray]:
