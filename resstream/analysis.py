@@ -17,9 +17,7 @@ Unlike TransformerLens without weight folding, the norm weight w is applied: the
 `pos` and `batch` select positions and sequences (an int, a slice or an index array) before any
 work is done, so one position of a long batch costs one position's memory. In the shapes below,
 `...` is the selection's shape `[*batch, *pos]` (an int drops its axis; see `resstream.cache_view`).
-Integer selections are traced, so a loop over positions compiles once. Out-of-range indices and
-token ids raise (IndexError, TokenError) where they are known, and give NaN rows inside a user's
-`jit`: never another row's values, as a JAX gather's clamping would.
+Integer selections are traced (one compile for a loop over positions); out-of-range ones raise.
 
 A point in the stream is named as in TransformerLens: `layer=l` is the stream entering layer l,
 `layer=None`, -1 or n_layers the final stream (before the final norm); no other negative layer is

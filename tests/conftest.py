@@ -23,13 +23,25 @@ from resstream.config import base_config
 from resstream.data import STDLIB, load_documents
 
 
-def xla_env(devices: int | None = None) -> dict[str, str]:
-    """The environment for a subprocess: this one's XLA_FLAGS (the optimisation level above) with
-    `devices` CPU devices, or XLA's default of one when None."""
-    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+def xla_env(devices: int | None = None, *, optimised: bool = False) -> dict[str, str]:
+    """The environment for a subprocess: this one's XLA_FLAGS (the optimisation level above, or with
+    `optimised` XLA's default level) with `devices` CPU devices, or XLA's default of one when None."""
+    dropped = ("--xla_force_host_platform_device_count", *(("--xla_backend_optimization_level",) if optimised else ()))
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
+def json_report(args: list[str], env: dict[str, str], timeout: float = 600, **kwargs) -> dict:
+    """Run `python *args` in a process of its own; the JSON object its last line of output prints."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 TINY = dict(vocab_size=61, n_layers=3, d_model=32, n_heads=4, n_ctx=16)

@@ -2,13 +2,11 @@
 for the whole session (and xla_env() hands that on to subprocesses), so every other exactness test
 runs at -O0; vectorised code at the default level is what a user's training run executes."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import json_report, xla_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,18 +71,7 @@ print(json.dumps({
 def test_resumed_training_is_bit_identical_at_the_default_optimisation_level(tmp_path):
     """4 train steps straight give the same losses and state, bit for bit, as 2 steps, a
     save and restore through Checkpoints, then 2 more, compiled at XLA's default -O level."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
-    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "checkpoints")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json_report(["-c", SCRIPT, str(tmp_path / "checkpoints")], xla_env(optimised=True), 300, cwd=ROOT)
     assert "optimization_level" not in report["flags"]
     assert report["leaves"] > 10 and report["differ"] == [], report
     assert report["losses_equal"]

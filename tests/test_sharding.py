@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import xla_env
+from conftest import json_report, xla_env
 from resstream import ModelConfig, Transformer
 from resstream import sharding as S  # noqa: N812
 from resstream.checkpoint import Checkpoints
@@ -33,16 +33,7 @@ def _eight_devices(script: str, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_sharded_train_steps_equal_the_single_device_steps():
-    env = EIGHT_DEVICES
-    result = subprocess.run(
-        [sys.executable, str(HERE / "sharded_steps.py"), "layernorm"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = json_report([str(HERE / "sharded_steps.py"), "layernorm"], EIGHT_DEVICES)
     assert results.pop("devices") == 8
     for mesh, r in results.items():  # 4 steps of AdamW with per-step updates of ~1e-2
         assert r["loss"] < 1e-5 and r["params"] < 1e-5 and r["opt_state"] < 1e-5, (mesh, r)
