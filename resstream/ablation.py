@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -34,9 +35,10 @@ from resstream.interventions import (
     zero_replacement,
 )
 from resstream.losses import next_token_loss
+from resstream.memory import resolve_budget, run_within
 from resstream.model import Cache, Transformer, check_tokens
 from resstream.sharding import mesh_context
-from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
+from resstream.vectorised import LanePlan, Schedule, make_schedule, plan_lanes, run_lanes
 
 
 # ------------------------------------------------------------------------------ one ablation
@@ -155,42 +157,76 @@ def _direct_losses(
     labels: Sequence[str],
     chunk: int,
 ) -> jax.Array:
-    """Loss [n] with each component's direct contribution to the logits swapped for its replacement's."""
+    """Loss [n] with each component's direct contribution to the logits swapped for its replacement's.
+
+    A component's direct change of the final stream (every norm scale frozen) is the sum of its rows
+    in the decomposition of the difference cache; each job's change goes through the frozen final
+    norm and W_U `chunk` jobs at a time, so no [n, batch, seq, vocab] array is made."""
     difference = _difference_cache(cache, replacement)
     is_head = [parse_component(model.cfg, label)[0] == "head" for label in labels]
-    deltas, columns = [], {}
+    blocks, columns = [], {}
     for split in sorted(set(is_head)):
-        rows = analysis.decompose_logits(model, difference, split_heads=split)
+        rows = analysis.decompose_resid(model, difference, split_heads=split)  # [n_rows, batch, seq, d_model]
         wanted = {r for label, h in zip(labels, is_head, strict=True) if h == split for r in _direct_rows(model, label)}
         wanted = [r for r in rows.labels if r in wanted]  # a plain network has no direct path from early writes
         columns.update({(split, r): len(columns) + i for i, r in enumerate(wanted)})
-        deltas.append(rows.values[np.array([rows.labels.index(r) for r in wanted], int)])
-    delta = jnp.concatenate(deltas)  # [n_rows, batch, seq, vocab]
-    weights = np.zeros((len(labels), delta.shape[0]), np.float32)  # job -> the rows it swaps
+        blocks.append(rows.values[np.array([rows.labels.index(r) for r in wanted], int)])
+    changes = jnp.concatenate(blocks)  # [n_wanted, batch, seq, d_model]
+    weights = np.zeros((len(labels), changes.shape[0]), np.float32)  # job -> the rows it swaps
     for i, (label, split) in enumerate(zip(labels, is_head, strict=True)):
         for r in _direct_rows(model, label):
             if (split, r) in columns:
                 weights[i, columns[(split, r)]] = 1.0
 
     def one(w: jax.Array) -> jax.Array:
-        return next_token_loss(logits + jnp.tensordot(w, delta, axes=1), tokens)
+        change = jnp.tensordot(w, changes, axes=1)  # [batch, seq, d_model]
+        return next_token_loss(logits + analysis.direct_logits(model, cache, change), tokens)
 
     return jax.lax.map(one, jnp.asarray(weights), batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "labels", "chunk", "direct"))
+def _lane_loss(model: Transformer, tokens: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    return lambda resid: next_token_loss(model.unembed(resid)[0], tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "labels", "plan", "direct"))
 def _sweep(
-    graphdef, state, tokens, ablation, replacement, *, schedule: Schedule, labels: tuple, chunk: int, direct: bool
+    state, tokens, ablation, replacement, *, graphdef, schedule: Schedule, labels: tuple, plan: LanePlan, direct: bool
 ):
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(tokens, record=("resid_pre", "resid_mid"))
     baseline = next_token_loss(logits, tokens)
-    losses = run_lanes(
-        model, cache, ablation, replacement, schedule, lambda lg: next_token_loss(lg, tokens), chunk_size=chunk
-    )
+    losses = run_lanes(model, cache, ablation, replacement, schedule, _lane_loss(model, tokens), plan=plan)
     if not direct:
         return baseline, losses, None
-    return baseline, losses, _direct_losses(model, cache, logits, tokens, replacement, labels, chunk) - baseline
+    return baseline, losses, _direct_losses(model, cache, logits, tokens, replacement, labels, plan.chunk) - baseline
+
+
+def _run_sweep(
+    model: Transformer,
+    tokens: jax.Array,
+    ablation: Ablation,
+    replacement: Replacement,
+    *,
+    labels: tuple,
+    direct: bool,
+    what: str,
+    chunk_size: int | None,
+    group_size: int | None,
+    memory_budget: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(baseline, losses [n_jobs], direct effects [n_jobs] or None), within the memory budget."""
+    schedule = make_schedule(model, ablation)
+    budget = resolve_budget(memory_budget)
+    plan = plan_lanes(model, *tokens.shape, schedule, budget, chunk_size=chunk_size, group_size=group_size)
+    graphdef, state = nnx.split(model)
+    static = {"graphdef": graphdef, "schedule": schedule, "labels": labels, "plan": plan, "direct": direct}
+    hint = f": use fewer or shorter sequences than {tuple(tokens.shape)}"
+    with mesh_context(state):
+        return run_within(
+            _sweep, (state, tokens, ablation, replacement), static, budget=budget, what=what, hint=hint,
+            smaller=LanePlan.smaller,
+        )  # fmt: skip
 
 
 def ablation_sweep(
@@ -203,11 +239,17 @@ def ablation_sweep(
     reference: Any = None,
     direct: bool = True,
     chunk_size: int | None = None,
+    group_size: int | None = None,
+    memory_budget: int | None = None,
 ) -> SweepTable:
     """Ablate every component of `granularity` ("layers", "sublayers", "heads"), or each of
     `components`, one at a time, in one compiled call; returns a `SweepTable` of loss deltas with
     the direct effect of each component alongside (`direct=False` skips it: one unembedding per
-    component less). `chunk_size`: ablations evaluated at once (default: `auto_chunk`)."""
+    component less).
+
+    The whole call stays within `memory_budget` bytes (default: most of the device's memory; see
+    `resstream.memory`). `chunk_size` (ablations evaluated at once) and `group_size` (ablations
+    carried at once) override the plan the budget would choose."""
     cfg = model.cfg
     tokens = _checked_tokens(model, tokens)
     labels = tuple(components) if components is not None else tuple(component_labels(cfg, granularity))
@@ -215,20 +257,10 @@ def ablation_sweep(
         raise AblationError("nothing to sweep: give at least one component")
     ablation = stack([make_ablation(cfg, [label], method) for label in labels])
     replacement = replacement_for(model, tokens, method, reference)
-    chunk = chunk_size or auto_chunk(model, *tokens.shape, len(labels))
-    graphdef, state = nnx.split(model)
-    with mesh_context(state):
-        baseline, losses, direct = _sweep(
-            graphdef,
-            state,
-            tokens,
-            ablation,
-            replacement,
-            schedule=make_schedule(model, ablation),
-            labels=labels,
-            chunk=chunk,
-            direct=direct,
-        )
+    baseline, losses, direct = _run_sweep(
+        model, tokens, ablation, replacement, labels=labels, direct=direct, what=f"a sweep of {len(labels)} ablations",
+        chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
+    )  # fmt: skip
     return SweepTable(labels, method, baseline, losses, direct)
 
 
@@ -275,18 +307,20 @@ class DeletionCurve:
 
 
 def deletion_subsets(n_layers: int, ks: Iterable[int], draws: int, seed: int = 0) -> list[tuple[int, ...]]:
-    """For each k, `draws` distinct random sets of k layers (all of them when there are fewer)."""
+    """For each k, `draws` distinct random sets of k layers (all of them when there are no more
+    than `draws`). Sets are drawn one at a time, never enumerated: C(32, 16) is 6e8."""
     rng = np.random.default_rng(seed)
     out = []
     for k in ks:
         if not 0 <= k <= n_layers:
             raise AblationError(f"cannot delete {k} layers: the model has {n_layers}")
-        every = list(itertools.combinations(range(n_layers), k))
-        if len(every) <= draws:
-            out += every
-        else:
-            picks = rng.choice(len(every), size=draws, replace=False)
-            out += [every[i] for i in sorted(picks)]
+        if math.comb(n_layers, k) <= draws:
+            out += list(itertools.combinations(range(n_layers), k))
+            continue
+        drawn: set[tuple[int, ...]] = set()
+        while len(drawn) < draws:  # more than `draws` sets exist, so this ends
+            drawn.add(tuple(sorted(int(i) for i in rng.choice(n_layers, size=k, replace=False))))
+        out += sorted(drawn)
     return out
 
 
@@ -298,20 +332,21 @@ def deletion_curve(
     draws: int = 16,
     seed: int = 0,
     chunk_size: int | None = None,
+    group_size: int | None = None,
+    memory_budget: int | None = None,
 ) -> DeletionCurve:
     """Delete k randomly chosen layers (`draws` draws per k; default k = 0..n_layers) and record the
-    loss of each draw: the experiment behind "residual networks survive the removal of layers"."""
+    loss of each draw: the experiment behind "residual networks survive the removal of layers".
+    `memory_budget`, `chunk_size`, `group_size`: as for `ablation_sweep`."""
     cfg = model.cfg
     tokens = _checked_tokens(model, tokens)
     subsets = deletion_subsets(cfg.n_layers, range(cfg.n_layers + 1) if ks is None else ks, draws, seed)
     if not subsets:
         raise AblationError(f"no deletions to run: give ks between 0 and {cfg.n_layers} and draws >= 1")
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])
-    chunk = chunk_size or auto_chunk(model, *tokens.shape, len(subsets))
-    graphdef, state = nnx.split(model)
-    with mesh_context(state):
-        baseline, losses, _ = _sweep(
-            graphdef, state, tokens, ablation, zero_replacement(cfg),
-            schedule=make_schedule(model, ablation), labels=(), chunk=chunk, direct=False,
-        )  # fmt: skip
+    baseline, losses, _ = _run_sweep(
+        model, tokens, ablation, zero_replacement(cfg), labels=(), direct=False,
+        what=f"a deletion curve of {len(subsets)} draws", chunk_size=chunk_size, group_size=group_size,
+        memory_budget=memory_budget,
+    )  # fmt: skip
     return DeletionCurve(tuple(subsets), losses, baseline)

@@ -229,6 +229,15 @@ def _readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.Array 
     return W_eff, 1.0 / view["ln_final_scale"], bias
 
 
+def direct_logits(model: Transformer, cache: Cache, resid: jax.Array) -> jax.Array:
+    """What a piece `resid` [..., batch, seq, d_model] of the final stream adds to the logits,
+    [..., batch, seq, vocab]: the final norm with its scale frozen at the cache's, then W_U, no
+    biases. Linear, so pieces add up; traced (call it inside a jit)."""
+    W_eff, row_scale, _ = _readout(model, CacheView(cache))
+    out = (resid.reshape(-1, resid.shape[-1]) @ W_eff).reshape(*resid.shape[:-1], -1)
+    return out if row_scale is None else out * row_scale
+
+
 def _accumulated(model: Transformer, view: CacheView, stop: int, mid: bool) -> Labelled:
     """The stream [n_points, ..., d_model] at each layer's input up to sublayer count `stop`."""
     cfg = model.cfg

@@ -13,6 +13,7 @@ work of n_layers * seq separate forward passes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,9 +22,10 @@ import numpy as np
 from flax import nnx, struct
 
 from resstream.interventions import AblationError, no_ablation, stack, zero_replacement
+from resstream.memory import resolve_budget, run_within
 from resstream.model import Transformer, check_tokens
 from resstream.sharding import mesh_context
-from resstream.vectorised import Schedule, auto_chunk, make_schedule, run_lanes
+from resstream.vectorised import LanePlan, Schedule, make_schedule, plan_lanes, run_lanes
 
 
 @struct.dataclass
@@ -46,9 +48,10 @@ class PatchingResult:
         return jnp.where(gap == 0, jnp.nan, (self.logit_diff - self.corrupted_diff) / safe)
 
 
-def _logit_diff(logits: jax.Array, answer: jax.Array, wrong: jax.Array) -> jax.Array:
-    """Mean over the batch of logit[answer] - logit[wrong] at the last position; answer, wrong [batch]."""
-    last = logits[:, -1]  # [batch, vocab]
+def _logit_diff(model: Transformer, resid: jax.Array, answer: jax.Array, wrong: jax.Array) -> jax.Array:
+    """Mean over the batch of logit[answer] - logit[wrong] at the last position, from the final
+    stream [batch, seq, d_model]; answer, wrong [batch]. Only the last position is unembedded."""
+    last = model.unembed(resid[:, -1])[0]  # [batch, vocab]
     rows = jnp.arange(last.shape[0])
     return jnp.mean(last[rows, answer] - last[rows, wrong])
 
@@ -70,56 +73,76 @@ def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.A
     return clean, corrupted
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "chunk", "readout"))
-def _patched(graphdef, state, clean, corrupted, masks, positions, args, *, schedule: Schedule, chunk: int, readout):
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "plan", "readout"))
+def _patched(state, clean, corrupted, masks, positions, args, *, graphdef, schedule: Schedule, plan: LanePlan, readout):
     model = nnx.merge(graphdef, state)
     record = ("resid_pre", "resid_mid")
-    clean_logits, clean_cache = model.forward(clean, record=record)
-    corrupted_logits, corrupted_cache = model.forward(corrupted, record=record)
+    _, clean_cache = model.forward(clean, record=record)
+    _, corrupted_cache = model.forward(corrupted, record=record)
+
+    def read(resid: jax.Array) -> jax.Array:
+        return readout(model, resid, *args)
+
     out = run_lanes(
-        model,
-        corrupted_cache,
-        masks,
-        zero_replacement(model.cfg),
-        schedule,
-        lambda logits: readout(logits, *args),
-        source=clean_cache,
-        patch_positions=positions,
-        chunk_size=chunk,
-    )
-    return out, readout(clean_logits, *args), readout(corrupted_logits, *args)
+        model, corrupted_cache, masks, zero_replacement(model.cfg), schedule, read,
+        source=clean_cache, patch_positions=positions, plan=plan,
+    )  # fmt: skip
+    return out, read(clean_cache["resid_final"]), read(corrupted_cache["resid_final"])
 
 
-def _run(model: Transformer, clean, corrupted, layers: np.ndarray, positions: np.ndarray, readout, args, chunk_size):
+def _run(
+    model: Transformer,
+    clean: jax.Array,
+    corrupted: jax.Array,
+    layers: np.ndarray,
+    positions: np.ndarray,
+    readout: Callable,
+    args: tuple,
+    *,
+    chunk_size: int | None = None,
+    group_size: int | None = None,
+    memory_budget: int | None = None,
+) -> Any:
+    """(readout per job [n_jobs, ...], the clean run's, the corrupted run's) for jobs patching the
+    clean stream into the corrupted run at `layers` [n_jobs] and `positions` [n_jobs, seq]."""
     n_jobs = len(layers)
     masks = stack([no_ablation(model.cfg)] * n_jobs)
     schedule = make_schedule(model, masks, patch_layers=layers)
-    chunk = chunk_size or auto_chunk(model, *clean.shape, n_jobs)
+    budget = resolve_budget(memory_budget)
+    plan = plan_lanes(
+        model,
+        *clean.shape,
+        schedule,
+        budget,
+        chunk_size=chunk_size,
+        group_size=group_size,
+    )
     graphdef, state = nnx.split(model)
+    static = {"graphdef": graphdef, "schedule": schedule, "plan": plan, "readout": readout}
+    hint = f": use fewer or shorter prompts than {tuple(clean.shape)}"
     with mesh_context(state):
-        return _patched(
-            graphdef,
-            state,
-            clean,
-            corrupted,
-            masks,
-            jnp.asarray(positions),
-            args,
-            schedule=schedule,
-            chunk=chunk,
-            readout=readout,
-        )
+        return run_within(
+            _patched, (state, clean, corrupted, masks, jnp.asarray(positions), args), static, budget=budget,
+            what=f"patching {n_jobs} (layer, position) pairs", hint=hint, smaller=LanePlan.smaller,
+        )  # fmt: skip
 
 
-def _identity(logits: jax.Array) -> jax.Array:
-    return logits
+def _identity(model: Transformer, resid: jax.Array) -> jax.Array:
+    return model.unembed(resid)[0]
 
 
 def run_patched(
-    model: Transformer, clean_tokens: Any, corrupted_tokens: Any, layer: int, positions: Any = None
+    model: Transformer,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    layer: int,
+    positions: Any = None,
+    *,
+    memory_budget: int | None = None,
 ) -> jax.Array:
     """Logits [batch, seq, vocab] of the corrupted run with the clean stream entering `layer`
-    patched in at `positions` (indices or a boolean mask over seq; None: every position)."""
+    patched in at `positions` (indices or a boolean mask over seq; None: every position), within
+    `memory_budget` bytes (see `resstream.memory`)."""
     clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
     seq = clean.shape[1]
     layer = model.cfg.check_layer(layer, error=AblationError)
@@ -129,7 +152,7 @@ def run_patched(
             mask[np.asarray(positions)] = True
         except IndexError as err:
             raise AblationError(f"positions {positions} out of range: the prompts have positions 0..{seq - 1}") from err
-    out, _, _ = _run(model, clean, corrupted, np.array([layer]), mask[None], _identity, (), None)
+    out, _, _ = _run(model, clean, corrupted, np.array([layer]), mask[None], _identity, (), memory_budget=memory_budget)
     return out[0]
 
 
@@ -141,11 +164,14 @@ def patch_resid(
     wrong_tokens: Any,
     *,
     chunk_size: int | None = None,
+    group_size: int | None = None,
+    memory_budget: int | None = None,
 ) -> PatchingResult:
     """Patch the clean stream into the corrupted run at every (layer, position), one at a time, in
     one compiled call; returns the [n_layers, seq] grid of logit differences
     logit[answer] - logit[wrong] at the last position. `answer_tokens`, `wrong_tokens`: an id, or
-    one per sequence."""
+    one per sequence. The call stays within `memory_budget` bytes (see `resstream.memory`);
+    `chunk_size` / `group_size` override the plan it would choose, as for `ablation_sweep`."""
     clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
     cfg = model.cfg
     batch, seq = clean.shape
@@ -154,6 +180,7 @@ def patch_resid(
     layers = np.repeat(np.arange(cfg.n_layers), seq)
     positions = np.tile(np.eye(seq, dtype=bool), (cfg.n_layers, 1))  # job (l, p) patches position p
     grid, clean_diff, corrupted_diff = _run(
-        model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong), chunk_size
-    )
+        model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong),
+        chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
+    )  # fmt: skip
     return PatchingResult(grid.reshape(cfg.n_layers, seq), clean_diff, corrupted_diff)

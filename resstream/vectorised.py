@@ -9,9 +9,14 @@ sum_j (n_sublayers - start_j) sublayers instead of n_jobs * n_sublayers: about h
 that change one component at a time. An intervention whose first change replaces or deletes a whole
 write does not compute that sublayer at all, since its output is known.
 
-Lanes are vmapped (or, to bound memory, mapped in chunks of `chunk_size` with `jax.lax.map`). The
-sublayers are unrolled, because the number of lanes grows from one sublayer to the next and a scan
-cannot express that; so, unlike the model's forward pass, compile time here grows with depth.
+Memory is bounded in two ways (see `LanePlan`). Lanes are evaluated `chunk` at a time within a
+sublayer (vmapped, or mapped in chunks with `jax.lax.map`), which bounds the temporaries. And the
+jobs are split into groups of at most `lanes` lanes that run one after another (`jax.lax.map` over
+groups), which bounds the streams carried: every group has the same structure (how many of its
+lanes join at each sublayer), so one compiled body serves them all; a group short of a job of some
+structure repeats one, and the repeat's result is dropped. The sublayers are unrolled, because the
+number of lanes grows from one sublayer to the next and a scan cannot express that; so, unlike the
+model's forward pass, compile time here grows with depth.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from resstream.interventions import Ablation, Replacement
 from resstream.model import Cache, Transformer
 from resstream.stream import ResidualStream
 
-# Bytes of transient activations that the lanes of one chunk may take. On CPU a chunk's attention
-# scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
-# accelerators want wide chunks.
-MEMORY_BUDGET = {"cpu": 64 << 20}
-DEFAULT_MEMORY_BUDGET = 1 << 30
+# Bytes of temporaries that the lanes evaluated at once should take, for speed: on CPU a chunk's
+# attention scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
+# accelerators want wide chunks, up to what the memory budget allows.
+FAST_CHUNK_BYTES = {"cpu": 64 << 20}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,10 @@ class Schedule:
     def n_jobs(self) -> int:
         """Number of interventions (jobs) in the plan."""
         return len(self.starts)
+
+    def keys(self) -> list[tuple[int, bool, int]]:
+        """Per job, its structure: (start, cheap, patched layer). Jobs with one key are interchangeable."""
+        return list(zip(self.starts, self.cheap, self.patch_layers, strict=True))
 
 
 def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarray | None = None) -> Schedule:
@@ -82,14 +91,83 @@ def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarr
     return Schedule(tuple(starts), tuple(cheap), tuple(int(p) for p in patch_layers))
 
 
-def auto_chunk(model: Transformer, batch: int, seq: int, n_jobs: int, budget: int | None = None) -> int:
-    """Lanes per chunk so that one chunk's largest transients (attention scores, MLP hidden, logits,
-    float32) stay within `budget` bytes (default: by platform, see MEMORY_BUDGET)."""
+@dataclasses.dataclass(frozen=True)
+class LanePlan:
+    """How much of a study runs at once: at most `lanes` lanes carried (a group of jobs), `chunk`
+    of them evaluated at once. `min_lanes`: the fewest a group can have (one per job structure)."""
+
+    lanes: int
+    chunk: int
+    min_lanes: int = 1
+
+    def smaller(self) -> LanePlan | None:
+        """The next plan down (half the lanes and half the chunk), or None from the smallest."""
+        if self.chunk == 1 and self.lanes <= self.min_lanes:
+            return None
+        lanes = max(self.min_lanes, self.lanes // 2)
+        return dataclasses.replace(self, lanes=lanes, chunk=max(1, min(lanes, self.chunk // 2)))
+
+
+def plan_lanes(
+    model: Transformer,
+    batch: int,
+    seq: int,
+    schedule: Schedule,
+    budget: int,
+    *,
+    chunk_size: int | None = None,
+    group_size: int | None = None,
+) -> LanePlan:
+    """The first plan to try for `schedule` on [batch, seq] tokens within `budget` bytes, from
+    estimates of what one lane carries and one lane's temporaries take (float32). `chunk_size` /
+    `group_size` fix the chunk / the lanes per group instead. `resstream.memory.run_within` checks
+    the estimate against the compiled program and shrinks the plan if it was too hopeful."""
     cfg = model.cfg
-    if budget is None:
-        budget = MEMORY_BUDGET.get(jax.default_backend(), DEFAULT_MEMORY_BUDGET)
-    per_lane = 4 * batch * seq * (4 * cfg.d_model + cfg.n_heads * seq + 2 * (cfg.d_mlp or 0) + cfg.vocab_size)
-    return int(max(1, min(n_jobs, budget // per_lane)))
+    n_keys = len(set(schedule.keys()))
+    stream = 4 * batch * seq * cfg.d_model
+    temporaries = 4 * batch * seq * (4 * cfg.d_model + cfg.n_heads * seq + 2 * (cfg.d_mlp or 0) + cfg.vocab_size)
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    fixed = params + stream * (4 * cfg.n_layers + 8) + 3 * 4 * batch * seq * cfg.vocab_size  # base run, records
+    spare = max(budget - fixed, 0) // 2  # half for carried lanes, half for temporaries
+    fast = FAST_CHUNK_BYTES.get(jax.default_backend(), spare)
+    chunk = chunk_size or max(1, min(fast, spare) // temporaries)
+    lanes = group_size or max(1, spare // (3 * stream))  # a lane's stream, its concatenated copy, its output
+    lanes = max(n_keys, min(lanes, schedule.n_jobs)) if group_size is None else max(n_keys, lanes)
+    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=n_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """Jobs split into groups of one structure. `slots`: the schedule every group runs (one entry
+    per lane); `members` [n_groups, n_slots]: the job in each slot (a repeat where a group is short
+    of jobs of some structure); `where` [n_jobs]: the flat slot holding each job's result."""
+
+    slots: Schedule
+    members: np.ndarray
+    where: np.ndarray
+
+
+def make_groups(schedule: Schedule, lanes: int) -> Groups:
+    """The fewest groups whose shared structure has at most `lanes` slots (at least one per job
+    structure), so as few slots as possible are repeats."""
+    by_key: dict[tuple, list[int]] = {}
+    for j, key in enumerate(schedule.keys()):
+        by_key.setdefault(key, []).append(j)
+    keys = sorted(by_key)
+    largest = max(len(jobs) for jobs in by_key.values())
+    n_groups = next((n for n in range(1, largest + 1) if sum(-(-len(by_key[k]) // n) for k in keys) <= lanes), largest)
+    members, slot_keys, where = [], [], np.zeros(schedule.n_jobs, np.int64)
+    for key in keys:
+        jobs, per_group = by_key[key], -(-len(by_key[key]) // n_groups)
+        padded = jobs + [jobs[0]] * (n_groups * per_group - len(jobs))
+        members.append(np.array(padded).reshape(n_groups, per_group))
+        slot_keys += [key] * per_group
+    members = np.concatenate(members, axis=1)  # [n_groups, n_slots]
+    n_slots = members.shape[1]
+    for flat in range(members.size - 1, -1, -1):  # each job's first occurrence holds its result
+        where[members.flat[flat]] = flat
+    starts, cheap, patch_layers = zip(*slot_keys, strict=True)
+    return Groups(Schedule(starts, cheap, patch_layers), members.reshape(n_groups, n_slots), where)
 
 
 def _map_lanes(fn: Callable, xs: Any, chunk: int) -> Any:
@@ -187,20 +265,32 @@ def run_lanes(
     *,
     source: Cache | None = None,
     patch_positions: jax.Array | None = None,
-    chunk_size: int,
+    plan: LanePlan,
 ) -> Any:
-    """Run every job of `schedule` and return `readout(logits [batch, seq, vocab])` for each, stacked
-    on a leading [n_jobs] axis in job order. Traced: call it inside a jit.
+    """Run every job of `schedule` and return `readout(final stream [batch, seq, d_model])` for
+    each, stacked on a leading [n_jobs] axis in job order. Traced: call it inside a jit.
 
     base:   the cache of the unablated run, with "resid_pre" and "resid_mid" recorded.
     ablation: masks with a leading [n_jobs] axis; replacement: values shared by all jobs.
     source, patch_positions [n_jobs, seq]: for patching, the run whose stream is copied in at each
     job's patched layer, at the positions marked True.
+    plan: how many lanes are carried (per group) and evaluated at once.
     """
-    lanes = _Lanes(model, base, ablation, replacement, schedule, source, patch_positions, chunk_size)
-    for k in range(model.cfg.n_sublayers):
-        lanes.step(k)
-    lanes.finish()
-    out = _map_lanes(lambda resid: readout(model.unembed(resid)[0]), (lanes.streams,), chunk_size)
-    position = np.argsort(np.array(lanes.jobs))  # lane order -> job order
-    return jax.tree.map(lambda x: x[position], out)
+    groups = make_groups(schedule, plan.lanes)
+    ablation = jax.tree.map(lambda m: m[groups.members], ablation)  # [n_groups, n_slots, ...]
+    positions = None if patch_positions is None else patch_positions[groups.members]
+
+    def group(xs: tuple[Ablation, jax.Array | None]) -> Any:
+        lanes = _Lanes(model, base, xs[0], replacement, groups.slots, source, xs[1], plan.chunk)
+        for k in range(model.cfg.n_sublayers):
+            lanes.step(k)
+        lanes.finish()
+        out = _map_lanes(readout, (lanes.streams,), plan.chunk)
+        slot = np.argsort(np.array(lanes.jobs))  # lane order -> slot order
+        return jax.tree.map(lambda x: x[slot], out)
+
+    if len(groups.members) == 1:
+        out = jax.tree.map(lambda x: x[None], group(jax.tree.map(lambda x: x[0], (ablation, positions))))
+    else:
+        out = jax.lax.map(group, (ablation, positions))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[groups.where], out)

@@ -1,0 +1,155 @@
+"""Memory budgets, checked against XLA's own accounting of each compiled program.
+
+Every analysis, sweep, deletion and patching call compiles its program ahead of time, reads the
+program's peak memory from `compiled.memory_analysis()` (arguments + outputs + temporaries, the
+whole device footprint of the call), and runs it only if that fits the budget. Calls that run many
+interventions are given a `plan` (how many lanes they carry and evaluate at once); when a plan's
+program does not fit, a smaller plan is compiled, down to the smallest there is, and if even that
+does not fit the call raises `MemoryBudgetError` before anything runs.
+
+    >>> ablation_sweep(model, tokens, "heads", memory_budget=8 << 30)
+    >>> with measure_only() as measured:        # compile and account, run nothing
+    ...     model.run_with_cache(tokens)
+    >>> measured[0].peak / 2**30
+
+The budget defaults to `DEFAULT_FRACTION` of the device's memory: what XLA may allocate on a GPU or
+TPU, the machine's physical memory on CPU. Inside a user's `jit` nothing is compiled separately, so
+nothing is checked there: the call inlines into the user's program with the plan it would start from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+DEFAULT_FRACTION = 0.75
+_COMPILED_CACHE_SIZE = 64
+
+
+class MemoryBudgetError(ValueError):
+    """A call whose compiled program needs more memory than its budget, even with its smallest plan."""
+
+
+def device_memory(device: jax.Device | None = None) -> int:
+    """Bytes the device can hold: XLA's allocation limit on a GPU or TPU, physical memory on CPU."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_budget(budget: int | None) -> int:
+    """`budget` in bytes, or by default `DEFAULT_FRACTION` of the device's memory."""
+    if budget is None:
+        return int(DEFAULT_FRACTION * device_memory())
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise MemoryBudgetError(f"memory_budget={budget!r}: give a positive number of bytes (e.g. 8 << 30 for 8 GiB)")
+    return budget
+
+
+def peak_bytes(compiled: jax.stages.Compiled) -> int:
+    """A compiled program's device footprint: arguments + outputs + temporaries - aliased bytes."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def gib(n_bytes: float) -> str:
+    """Bytes as GiB, for messages."""
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One budgeted call: what it was, its compiled peak in bytes, the budget, the plan it ran with."""
+
+    what: str
+    peak: int
+    budget: int
+    plan: Any = None
+
+
+_measuring: contextvars.ContextVar[list[Measured] | None] = contextvars.ContextVar("measuring", default=None)
+
+
+@contextlib.contextmanager
+def measure_only() -> Iterator[list[Measured]]:
+    """Within this block budgeted calls compile and record a `Measured` in the yielded list, and
+    return abstract results (`jax.ShapeDtypeStruct`s) without running. Inputs may be abstract too
+    (a model from `nnx.eval_shape`), so a call too big for this machine can still be accounted."""
+    measured: list[Measured] = []
+    token = _measuring.set(measured)
+    try:
+        yield measured
+    finally:
+        _measuring.reset(token)
+
+
+_compiled: OrderedDict[Any, jax.stages.Compiled] = OrderedDict()
+
+
+def _signature(x: Any) -> Any:
+    return (tuple(x.shape), str(x.dtype), getattr(x, "weak_type", False), getattr(x, "sharding", None))
+
+
+def _compile(fn: Callable, args: tuple, static: dict[str, Any]) -> jax.stages.Compiled:
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, treedef, tuple(_signature(x) for x in leaves), tuple(sorted(static.items())))
+    if key in _compiled:
+        _compiled.move_to_end(key)
+        return _compiled[key]
+    compiled = fn.lower(*args, **static).compile()
+    _compiled[key] = compiled
+    if len(_compiled) > _COMPILED_CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return compiled
+
+
+def _traced(args: tuple) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+
+
+def run_within(
+    fn: Callable,
+    args: tuple,
+    static: dict[str, Any] | None = None,
+    *,
+    budget: int | None,
+    what: str,
+    hint: str = "",
+    smaller: Callable[[Any], Any] | None = None,
+) -> Any:
+    """`fn(*args, **static)` (a `jax.jit` function, `static` its static arguments), run only if its
+    compiled peak fits `budget` bytes (None: the default budget).
+
+    `static["plan"]`, if present, is how much work the call does at once; `smaller(plan)` gives the
+    next smaller plan, or None when there is none. Plans are tried until one fits; if none does,
+    `MemoryBudgetError` says what was needed, and `hint` how to need less."""
+    static = dict(static or {})
+    if _traced(args):  # inside a user's jit: inline, nothing to compile or check separately
+        return fn(*args, **static)
+    budget = resolve_budget(budget)
+    while True:
+        compiled = _compile(fn, args, static)
+        peak = peak_bytes(compiled)
+        if peak <= budget:
+            break
+        plan = smaller(static["plan"]) if smaller is not None and "plan" in static else None
+        if plan is None:
+            raise MemoryBudgetError(
+                f"{what} needs {gib(peak)} of device memory (XLA's compiled peak), over its budget of {gib(budget)}"
+                f"{hint}; or raise memory_budget= (in bytes) if the device has the room"
+            )
+        static["plan"] = plan
+    measured = _measuring.get()
+    if measured is not None:
+        measured.append(Measured(what, peak, budget, static.get("plan")))
+        return jax.eval_shape(lambda *a: fn(*a, **static), *args)
+    return compiled(*args)
