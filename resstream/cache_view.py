@@ -13,7 +13,9 @@ array puts its own shape there (`batch` and `pos` index separately: an outer pro
 - a known `pos` / `batch` entry out of range raises IndexError, and a known token id outside the
   vocabulary TokenError, before anything runs: a JAX gather would clamp it to the last row. Python
   ints are known even inside a user's `jit`, so they raise there too;
-- inside a user's `jit`, where traced indices cannot raise, the rows they select come back NaN.
+- inside a user's `jit`, where traced indices cannot raise, the rows they select come back NaN;
+- every call takes `memory_budget=` (bytes): the compiled program runs only if its peak fits, else
+  `resstream.memory.MemoryBudgetError` says what it needed (see `resstream.memory`).
 
 This module knows nothing of what an analysis computes: it needs only that the result has
 `.values` [n_rows, *selection, ...] and `.replace(values=...)` (a flax struct dataclass).
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resstream.memory import run_within
 from resstream.model import LAYER_RECORDS, Cache, TokenError, Transformer
 from resstream.stream import OPTIONAL_RECORDS
 
@@ -139,7 +142,7 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def wrapper(model: Transformer, cache: Cache, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(model: Transformer, cache: Cache, *args: Any, memory_budget: int | None = None, **kwargs: Any) -> Any:
         bound = signature.bind(model, cache, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(list(bound.arguments.items())[2:])
@@ -155,7 +158,14 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
             else:
                 static.append((name, value))
         graphdef, state = nnx.split(model)
-        out = _run_compiled(fn, graphdef, state, cache, traced, tuple(static))
+        out = run_within(
+            _run_compiled,
+            (state, cache, traced),
+            {"fn": fn, "graphdef": graphdef, "static": tuple(static)},
+            budget=memory_budget,
+            what=fn.__name__,
+            hint=": select less with pos= (one position, or a few) or batch=",
+        )
         if any(isinstance(arguments.get(name), jax.core.Tracer) for name in SELECTIONS):
             out = _nan_outside(cache, arguments, out)
         return out
@@ -164,7 +174,7 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "graphdef", "static"))
-def _run_compiled(fn: Callable, graphdef: Any, state: Any, cache: Cache, traced: dict, static: tuple) -> Any:
+def _run_compiled(state: Any, cache: Cache, traced: dict, *, fn: Callable, graphdef: Any, static: tuple) -> Any:
     kwargs = dict(traced)
     for name, value in static:
         kwargs[name] = slice(value.start, value.stop, value.step) if isinstance(value, _Slice) else value

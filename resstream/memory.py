@@ -133,7 +133,7 @@ def run_within(
     next smaller plan, or None when there is none. Plans are tried until one fits; if none does,
     `MemoryBudgetError` says what was needed, and `hint` how to need less."""
     static = dict(static or {})
-    if _traced(args):  # inside a user's jit: inline, nothing to compile or check separately
+    if _traced(args) or jax.config.jax_disable_jit:  # inside a user's jit (or none): nothing to check
         return fn(*args, **static)
     budget = resolve_budget(budget)
     while True:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from resstream.config import SUBLAYER_NORM, ModelConfig
 from resstream.layers import MLP, Attention, Norm, dropout, normal_param, rotary_tables, zeros_param
+from resstream.memory import run_within
 from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
 from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream, token_norm
 
@@ -253,10 +254,13 @@ class Transformer(nnx.Module):
         rng: jax.Array | None = None,
         ablation: Ablation | None = None,
         replacement: Replacement | None = None,
+        memory_budget: int | None = None,
     ) -> jax.Array:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32). With an `ablation` (and the
         `replacement` values it writes), the ablated model's logits: see `resstream.ablation`."""
-        return self.run_with_cache(tokens, mode="off", rng=rng, ablation=ablation, replacement=replacement)[0]
+        return self.run_with_cache(
+            tokens, mode="off", rng=rng, ablation=ablation, replacement=replacement, memory_budget=memory_budget
+        )[0]
 
     def run_with_cache(
         self,
@@ -267,8 +271,10 @@ class Transformer(nnx.Module):
         rng: jax.Array | None = None,
         ablation: Ablation | None = None,
         replacement: Replacement | None = None,
+        memory_budget: int | None = None,
     ) -> tuple[jax.Array, Cache]:
-        """Forward pass that also returns what the blocks recorded.
+        """Forward pass that also returns what the blocks recorded, run only if its compiled peak
+        fits `memory_budget` bytes (default: most of the device's memory; see `resstream.memory`).
 
         mode "full": the cache holds "embed" [batch, seq, d_model], "pos_embed" (learned positions),
         "attn_out" and "mlp_out" [n_layers, batch, seq, d_model], "z" [n_layers, batch, seq, n_heads,
@@ -293,8 +299,14 @@ class Transformer(nnx.Module):
             raise ValueError("an ablation needs its replacement values and vice versa: pass both or neither")
         graphdef, state = nnx.split(self)
         with mesh_context((state, tokens)):  # a sharded model pins its activations on its mesh
-            intervention = (ablation, replacement)
-            return _compiled_forward(graphdef, state, tokens, rng, intervention, mode=mode, record=tuple(record))
+            return run_within(
+                _compiled_forward,
+                (state, tokens, rng, (ablation, replacement)),
+                {"graphdef": graphdef, "mode": mode, "record": tuple(record)},
+                budget=memory_budget,
+                what=f"run_with_cache(mode={mode!r}) on tokens {tuple(tokens.shape)}",
+                hint=": run fewer or shorter sequences, or record less (mode='off' or 'stats', fewer `record`s)",
+            )
 
     def forward(
         self,
@@ -357,12 +369,12 @@ def _batch_split(name: str, record: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "record"))
 def _compiled_forward(
-    graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens: jax.Array,
     rng: jax.Array | None,
     intervention: tuple[Ablation | None, Replacement | None],
     *,
+    graphdef: nnx.GraphDef,
     mode: str,
     record: tuple,
 ) -> tuple[jax.Array, Cache]:
