@@ -114,11 +114,11 @@ def sample_main(argv: list[str]) -> None:
         print("-" * 40)
 
 
-def _validation_batches(config: Any, seq: int, batch_size: int, n_batches: int) -> list[Any]:
-    """The run's own validation split, as [batch, seq] token arrays."""
+def _validation_batches(config: Any, tokenizer: Any, seq: int, batch_size: int, n_batches: int) -> list[Any]:
+    """The run's own validation split in the run's tokenizer, as [batch, seq] token arrays."""
     from resstream.data import eval_batches, split_tokens
 
-    tokens = split_tokens(config, "validation")
+    tokens = split_tokens(config, "validation", tokenizer)
     return [b[:, :seq] for b in eval_batches(tokens, seq, batch_size, n_batches)]
 
 
@@ -146,17 +146,17 @@ def ablate_main(argv: list[str]) -> None:
     add("--patch", action="store_true", help="also patch --clean into --corrupted at every (layer, position)")
     add("--clean", default="def f(x):\n    return ")
     add("--corrupted", default="def f(y):\n    return ")
-    add("--answer", default="x", help="the clean prompt's next token (one byte)")
-    add("--wrong", default="y", help="the corrupted prompt's next token (one byte)")
+    add("--answer", default="x", help="the clean prompt's next token (one token of the run's tokenizer)")
+    add("--wrong", default="y", help="the corrupted prompt's next token (one token of the run's tokenizer)")
     add("--out", default=None, help="output directory (default: RUN_DIR/ablation)")
     add("--step", type=int, default=None, help="the checkpoint to load (default: the latest)")
     args = parser.parse_args(argv)
 
-    model, _, config = load_run(args.checkpoint, args.step)
+    model, tokenizer, config = load_run(args.checkpoint, args.step)
     seq = min(args.seq or model.cfg.n_ctx, model.cfg.n_ctx)
     out = Path(args.out or Path(args.checkpoint) / "ablation")
     out.mkdir(parents=True, exist_ok=True)
-    batches = _validation_batches(config, seq, args.batch_size, max(args.mean_batches, 2))
+    batches = _validation_batches(config, tokenizer, seq, args.batch_size, max(args.mean_batches, 2))
     tokens = batches[0]
     reference = None
     if args.method == "mean":
@@ -171,7 +171,7 @@ def ablate_main(argv: list[str]) -> None:
     if args.deletion:
         _deletion(model, tokens, args, out)
     if args.patch:
-        _patch(model, args, out)
+        _patch(model, tokenizer, args, out)
     print(f"\nwrote {out}/")
 
 
@@ -192,25 +192,27 @@ def _deletion(model: Any, tokens: Any, args: argparse.Namespace, out: Path) -> N
     study_report.plot_deletion(curves, out / "deletion.png")
 
 
-def _patch(model: Any, args: argparse.Namespace, out: Path) -> None:
+def _patch(model: Any, tokenizer: Any, args: argparse.Namespace, out: Path) -> None:
+    """Patch --clean into --corrupted (tokenized by the run's tokenizer); tokens labelled as text."""
     import numpy as np
 
     from resstream import patching, study_report
-    from resstream.data import ByteTokenizer
     from resstream.interventions import AblationError
 
-    tokenizer = ByteTokenizer()
     clean, corrupted = tokenizer.encode(args.clean)[None], tokenizer.encode(args.corrupted)[None]
     answer, wrong = tokenizer.encode(args.answer), tokenizer.encode(args.wrong)
     if len(answer) != 1 or len(wrong) != 1:
-        raise AblationError(f"--answer {args.answer!r} and --wrong {args.wrong!r} must each be one byte (one token)")
+        pieces = {a: [tokenizer.token_text(t) for t in ids] for a, ids in ((args.answer, answer), (args.wrong, wrong))}
+        raise AblationError(
+            f"--answer {args.answer!r} and --wrong {args.wrong!r} must each be one token of the run's tokenizer; "
+            f"they are {pieces[args.answer]} and {pieces[args.wrong]}"
+        )
     result = patching.patch_resid(model, clean, corrupted, answer[0], wrong[0])
-    labels = [tokenizer.decode([t]) for t in clean[0]]
     rows = [
         {
             "layer": layer,
             "position": pos,
-            "token": labels[pos],
+            "token": tokenizer.token_text(clean[0, pos]),
             "logit_diff": float(result.logit_diff[layer, pos]),
             "recovered": float(result.recovered[layer, pos]),
         }
@@ -226,7 +228,7 @@ def _patch(model: Any, args: argparse.Namespace, out: Path) -> None:
         "corrupted_diff": float(result.corrupted_diff),
     }
     study_report.write_table(rows, out / "patching", meta)
-    study_report.plot_patching(result, [repr(t)[1:-1] for t in labels], out / "patching.png")
+    study_report.plot_patching(result, [tokenizer.token_label(t) for t in clean[0]], out / "patching.png")
     recovered = np.round(np.asarray(result.recovered), 2)
     print(
         f"\npatching: logit diff clean {meta['clean_diff']:.3f}, corrupted {meta['corrupted_diff']:.3f}; "

@@ -239,6 +239,10 @@ def base_config() -> ConfigDict:
                 "text_column": "text",
                 "validation_fraction": 0.05,
                 "cache_dir": "runs/.token_cache",
+                # "bytes" (ids 0..255), "bpe:N" (a byte-level BPE of N tokens trained on the training
+                # split, kept as run_dir/tokenizer.json) or the path of a tokenizer.json; model.vocab_size
+                # must be at least the tokenizer's vocabulary (resstream/tokenizer.py)
+                "tokenizer": "bytes",
             },
             "train": {
                 "steps": 1000,

@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from resstream.checkpoint import Checkpoints, CorruptCheckpointError
 from resstream.config import ConfigError, MeshConfig, ModelConfig, model_config, optimizer_config
-from resstream.data import ByteTokenizer, Sampler, SamplerState, eval_batches, split_tokens
+from resstream.data import Sampler, SamplerState, Tokenizer, eval_batches, split_counts, split_tokens
 from resstream.model import Transformer
 from resstream.report import write_report
 from resstream.run_lock import RunLock
 from resstream.sharding import BATCH_AXES, make_mesh, shard, state_shardings
 from resstream.telemetry import MetricsLog
+from resstream.tokenizer import check_vocab, save_to_run, tokenizer_for
 from resstream.train import MeshSteps, TrainState, init_state, learning_rate_schedule, make_optimizer, mesh_steps
 
 
@@ -63,21 +64,24 @@ class _StopOnSignal:
 class _Data:
     """The run's data on this host: its sampler of training batches, the rows of each batch that are
     this host's, the function that assembles the hosts' rows into one global array, and the
-    validation batches (global arrays [batch, seq + 1])."""
+    validation batches (global arrays [batch, seq + 1]), and the factor that turns the validation
+    loss (nats per token) into bits per byte."""
 
     sampler: Sampler
     rows: slice
     to_global: Any
     val_batches: list
+    bits_per_byte: float
 
 
-def _data(config: Any, cfg: ModelConfig, mesh: Any) -> _Data:
+def _data(config: Any, cfg: ModelConfig, mesh: Any, tokenizer: Tokenizer) -> _Data:
     tc = config.train
-    train_tokens, val_tokens = split_tokens(config, "train"), split_tokens(config, "validation")
+    train_tokens, val_tokens = split_tokens(config, "train", tokenizer), split_tokens(config, "validation", tokenizer)
+    val_token_count, val_byte_count = split_counts(config, "validation", tokenizer)
     sampler = Sampler(train_tokens, cfg.n_ctx, tc.batch_size, tc.seed, name=f"the train split of {config.data.source}")
     rows, to_global = _batch_split(mesh, tc.batch_size)
     val_batches = [to_global(b[rows]) for b in eval_batches(val_tokens, cfg.n_ctx, tc.batch_size, tc.eval_batches)]
-    return _Data(sampler, rows, to_global, val_batches)
+    return _Data(sampler, rows, to_global, val_batches, val_token_count / val_byte_count / math.log(2))
 
 
 def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
@@ -87,9 +91,10 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
     corrupt checkpoint, another process training there) leaves the directory as it was."""
     run_dir = Path(run_dir)
     cfg, tc = model_config(config), config.train
-    _check_run(cfg, run_dir, Path(config.data.cache_dir))
+    _check_run(cfg, run_dir, Path(config.data.cache_dir), config.data.tokenizer)
     mesh = make_mesh(MeshConfig(**config.mesh))
-    data = _data(config, cfg, mesh)
+    tokenizer = tokenizer_for(config, run_dir)  # writes nothing in run_dir: save_to_run does, once accepted
+    data = _data(config, cfg, mesh, tokenizer)
     lead = jax.process_index() == 0  # one host writes logs and reports; all write checkpoints
 
     with contextlib.ExitStack() as cleanup:  # closed however the run ends
@@ -109,6 +114,7 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
         log = MetricsLog(run_dir, tensorboard=tc.tensorboard) if lead else _NoLog()
         cleanup.callback(log.close)
         if lead:
+            save_to_run(tokenizer, run_dir)  # before config.json, which names it
             (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
         if meta is not None:
             data.sampler.state = SamplerState(**meta["sampler"])
@@ -118,23 +124,21 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
         loop = _Loop(config, cfg, steps, data, checkpoints, log, run_dir)
         state, status, val = loop.train(state)
         summary = {"status": status, "step": int(state.step), "val_loss": val, "hosts": jax.process_count()}
+        bits = None if val is None else val * data.bits_per_byte  # the loss per byte, whatever the tokenizer
+        summary.update({} if bits is None else {"val_bits_per_byte": bits})
         if status == "completed" and jax.process_count() == 1:  # samples and report: single-host runs
             model = nnx.merge(graphdef, state.params)
-            summary.update(write_report(config, cfg, model, int(state.step), data.val_batches, run_dir, val))
+            summary.update(
+                write_report(config, cfg, model, int(state.step), data.val_batches, run_dir, val, tokenizer, bits)
+            )
         if lead:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _check_run(cfg: ModelConfig, run_dir: Path, cache_dir: Path) -> None:
+def _check_run(cfg: ModelConfig, run_dir: Path, cache_dir: Path, tokenizer: str) -> None:
     """Mistakes that would otherwise surface mid-run, or as a divergence: refused before any work."""
-    tokenizer = ByteTokenizer()
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary (bytes: "
-            f"{tokenizer.vocab_size} tokens), so some token ids of the data would have no embedding: set "
-            f"--config.model.vocab_size={tokenizer.vocab_size}"
-        )
+    check_vocab(tokenizer, cfg.vocab_size)  # and data.tokenizer itself
     for path, what in ((run_dir, "--run_dir"), (cache_dir, "data.cache_dir")):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{what} {path} is a file, not a directory: name a directory (it is created if missing)")
@@ -273,7 +277,8 @@ class _Loop:
                 with throughput.paused():
                     if evaluates:
                         val = self.validate(state)
-                        record = {"step": done, **record, "val_loss": val}
+                        bits = val * self.data.bits_per_byte
+                        record = {"step": done, **record, "val_loss": val, "val_bits_per_byte": bits}
                     if record:
                         self.log.write(record)
                     if saves:

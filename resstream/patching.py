@@ -73,8 +73,21 @@ def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.A
     return clean, corrupted
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "plan", "readout"))
-def _patched(state, clean, corrupted, masks, positions, args, *, graphdef, schedule: Schedule, plan: LanePlan, readout):
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "plan", "readout", "jobs_shape"))
+def _patched(
+    state,
+    clean,
+    corrupted,
+    masks,
+    positions,
+    args,
+    *,
+    graphdef,
+    schedule: Schedule,
+    plan: LanePlan,
+    readout,
+    jobs_shape,
+):
     model = nnx.merge(graphdef, state)
     record = ("resid_pre", "resid_mid")
     _, clean_cache = model.forward(clean, record=record)
@@ -87,6 +100,7 @@ def _patched(state, clean, corrupted, masks, positions, args, *, graphdef, sched
         model, corrupted_cache, masks, zero_replacement(model.cfg), schedule, read,
         source=clean_cache, patch_positions=positions, plan=plan,
     )  # fmt: skip
+    out = jax.tree.map(lambda x: x.reshape(*jobs_shape, *x.shape[1:]), out)
     return out, read(clean_cache["resid_final"]), read(corrupted_cache["resid_final"])
 
 
@@ -99,12 +113,14 @@ def _run(
     readout: Callable,
     args: tuple,
     *,
+    jobs_shape: tuple[int, ...] | None = None,
     chunk_size: int | None = None,
     group_size: int | None = None,
     memory_budget: int | None = None,
 ) -> Any:
     """(readout per job [n_jobs, ...], the clean run's, the corrupted run's) for jobs patching the
-    clean stream into the corrupted run at `layers` [n_jobs] and `positions` [n_jobs, seq]."""
+    clean stream into the corrupted run at `layers` [n_jobs] and `positions` [n_jobs, seq]; the
+    jobs' axis reshaped to `jobs_shape`."""
     n_jobs = len(layers)
     masks = stack([no_ablation(model.cfg)] * n_jobs)
     schedule = make_schedule(model, masks, patch_layers=layers)
@@ -118,7 +134,8 @@ def _run(
         group_size=group_size,
     )
     graphdef, state = nnx.split(model)
-    static = {"graphdef": graphdef, "schedule": schedule, "plan": plan, "readout": readout}
+    jobs_shape = jobs_shape or (n_jobs,)
+    static = {"graphdef": graphdef, "schedule": schedule, "plan": plan, "readout": readout, "jobs_shape": jobs_shape}
     hint = f": use fewer or shorter prompts than {tuple(clean.shape)}"
     with mesh_context(state):
         return run_within(
@@ -181,6 +198,6 @@ def patch_resid(
     positions = np.tile(np.eye(seq, dtype=bool), (cfg.n_layers, 1))  # job (l, p) patches position p
     grid, clean_diff, corrupted_diff = _run(
         model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong),
-        chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
+        jobs_shape=(cfg.n_layers, seq), chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
     )  # fmt: skip
-    return PatchingResult(grid.reshape(cfg.n_layers, seq), clean_diff, corrupted_diff)
+    return PatchingResult(grid, clean_diff, corrupted_diff)

@@ -10,20 +10,31 @@ import jax.numpy as jnp
 
 from resstream import analysis
 from resstream.config import ModelConfig
-from resstream.data import ByteTokenizer
+from resstream.data import ByteTokenizer, Tokenizer
 from resstream.model import Transformer
 from resstream.sampling import generate
 from resstream.telemetry import plot_run
 
 
 def write_report(
-    config: Any, cfg: ModelConfig, model: Transformer, step: int, val_batches: list, run_dir: Path, val: float
+    config: Any,
+    cfg: ModelConfig,
+    model: Transformer,
+    step: int,
+    val_batches: list,
+    run_dir: Path,
+    val: float,
+    tokenizer: Tokenizer | None = None,
+    val_bits_per_byte: float | None = None,
 ) -> dict[str, Any]:
-    """Plots, samples and report.md of a finished run: validation loss and per-layer direct logit
-    attribution on one validation batch; returns what the run's summary adds."""
+    """Plots, samples (in the run's `tokenizer`, default bytes) and report.md of a finished run:
+    validation loss (per token, and `val_bits_per_byte` when given: bytes for a byte-level run) and
+    per-layer direct logit attribution on one validation batch; returns what the run's summary adds."""
     plots = [p.name for p in plot_run(run_dir)]
-    tokenizer = ByteTokenizer()
-    prompts = [b"def ", b"class ", b"import "]
+    tokenizer = tokenizer or ByteTokenizer()
+    if val_bits_per_byte is None and isinstance(tokenizer, ByteTokenizer):
+        val_bits_per_byte = val / math.log(2)
+    prompts = ["def ", "class ", "import "]
     samples = []
     for prompt in prompts:
         out = generate(
@@ -47,7 +58,9 @@ def write_report(
     lines = [
         f"# Run report: {run_dir}",
         "",
-        f"validation loss: {val:.4f} nats/token ({val / math.log(2):.4f} bits/token) after {step} steps",
+        f"validation loss: {val:.4f} nats/token ({val / math.log(2):.4f} bits/token"
+        + ("" if val_bits_per_byte is None else f", {val_bits_per_byte:.4f} bits/byte")
+        + f") after {step} steps; tokenizer: {_describe(config, tokenizer)}",
         "",
         "## Direct logit attribution to the correct next token (mean over one validation batch)",
         "",
@@ -62,4 +75,10 @@ def write_report(
         f"plots: {', '.join(plots)}; samples: samples.txt",
     ]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    return {"val_loss_bits": val / math.log(2), "direct_logit_attribution_by_layer": per_layer, "plots": plots}
+    bits = {} if val_bits_per_byte is None else {"val_bits_per_byte": val_bits_per_byte}
+    return {"val_loss_bits": val / math.log(2), **bits, "direct_logit_attribution_by_layer": per_layer, "plots": plots}
+
+
+def _describe(config: Any, tokenizer: Tokenizer) -> str:
+    """data.tokenizer and its vocabulary size, e.g. "bpe:4096 (4096 tokens)"."""
+    return f"{config.data.get('tokenizer', 'bytes')} ({tokenizer.vocab_size} tokens)"

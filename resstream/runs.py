@@ -11,9 +11,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
-from resstream.config import model_config, optimizer_config
-from resstream.data import ByteTokenizer
+from resstream.config import ConfigError, model_config, optimizer_config
+from resstream.data import Tokenizer
 from resstream.model import Transformer
+from resstream.tokenizer import load_tokenizer
 from resstream.train import init_state, make_optimizer
 
 
@@ -25,10 +26,12 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{run_dir} is not a run directory (no config.json): train one with python train.py") from err
 
 
-def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, ByteTokenizer, ConfigDict]:
+def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer, Tokenizer, ConfigDict]:
     """(model, tokenizer, config) of a run directory made by train.py: the model holds the run's
-    checkpoint at `step` (default: the latest). Raises CheckpointError when `run_dir` is not a run or
-    its checkpoint cannot be used; a corrupt checkpoint's error names the newest intact one."""
+    checkpoint at `step` (default: the latest); the tokenizer is the run's own (its tokenizer.json, a
+    `BPETokenizer`, or a `ByteTokenizer` for a byte-level run). Raises CheckpointError when `run_dir` is
+    not a run, its checkpoint cannot be used (a corrupt checkpoint's error names the newest intact
+    one) or its tokenizer.json cannot be read."""
     config_file = Path(run_dir) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json): train one with python train.py")
@@ -55,4 +58,8 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer,
                 f"(load_run(run_dir, step={intact[0]}))",
                 err.step,
             ) from err
-    return nnx.merge(graphdef, state.params), ByteTokenizer(), config
+    try:
+        tokenizer = load_tokenizer(run_dir)
+    except ConfigError as err:
+        raise CheckpointError(f"the run's tokenizer cannot be loaded: {err}") from err
+    return nnx.merge(graphdef, state.params), tokenizer, config
