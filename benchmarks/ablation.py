@@ -11,21 +11,41 @@ Work, in sublayers, for S sublayers: the loop does S * (S + 1); the sweep S for 
 S - 1 - k for the ablation of sublayer k (its prefix is shared and its own write is known), so
 S * (S + 1) / 2: half, plus one unembedding per component either way.
 
+Patching (`--patching`), at those shapes and at 2 layers x d_model 768 x vocab 50257 x seq 256
+("gpt2vocab", batch 1):
+  grid:  `patch_resid(model, clean, corrupted, answer, wrong)`: every (layer, position), one call
+  loop:  what a TransformerLens user runs, one full patched forward pass per (layer, position)
+         (`run_with_hooks` with a hook on `resid_pre`), here one compiled function with the layer
+         and position as traced arguments, logits at every position. Every cell costs the same, so
+         the loop is timed on `--loop-cells` random cells and scaled to the L x P grid.
+and prints grid / loop (target: at most 0.6 at every shape).
+
     python benchmarks/ablation.py [--reps 5] [--shapes small,big] [--json out.json]
+    python benchmarks/ablation.py --patching [--shapes small,big,gpt2vocab] [--reps 3] [--loop-cells 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from forward import SHAPES, config, time_interleaved
 
-from resstream import Transformer, interventions
+from resstream import ModelConfig, Transformer, interventions
 from resstream import ablation as A  # noqa: N812
+from resstream.patching import patch_resid
+from resstream.stream import ResidualStream
+
+PATCHING_SHAPES = {
+    **SHAPES,
+    "gpt2vocab": dict(n_layers=2, d_model=768, n_heads=12, batch=1, seq=256, vocab_size=50257),
+}
 
 
 def measure(name: str, reps: int) -> dict:
@@ -63,15 +83,93 @@ def measure(name: str, reps: int) -> dict:
     }
 
 
+def _patched_forward(model: Transformer):
+    """A full forward pass of `corrupted` with the clean stream entering `layer` copied in at
+    `position` (both traced: one compile for the whole loop), and the logit difference it gives."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, corrupted, clean_resid_pre, layer, position, answer, wrong):
+        model = nnx.merge(graphdef, state)
+        residual = model.cfg.residual
+        resid, rope = model.embed(corrupted).read(), model.rope(corrupted.shape[1])
+        at = jnp.arange(corrupted.shape[1])[None, :, None] == position
+        for index in range(model.cfg.n_layers):
+            resid = jnp.where(at & (index == layer), clean_resid_pre[index], resid)
+            resid = model.layer(index)(ResidualStream(resid, {}, residual=residual), rope).read()
+        logits = model.unembed(resid)[0]  # every position, as a hooked forward pass gives
+        rows = jnp.arange(logits.shape[0])
+        return jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
+
+    return lambda *args: run(state, *args)
+
+
+def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
+    shape = PATCHING_SHAPES[name]
+    cfg = ModelConfig(
+        vocab_size=shape.get("vocab_size", 256), n_layers=shape["n_layers"], d_model=shape["d_model"],
+        n_heads=shape["n_heads"], n_ctx=shape["seq"],
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    batch, seq = shape["batch"], shape["seq"]
+    clean = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
+    corrupted = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
+    answer, wrong = clean[:, -1], corrupted[:, -1]
+
+    def grid() -> None:
+        jax.block_until_ready(patch_resid(model, clean, corrupted, answer, wrong).logit_diff)
+
+    clean_resid_pre = model.run_with_cache(clean, record=("resid_pre",))[1]["resid_pre"]
+    forward = _patched_forward(model)
+    rng = np.random.default_rng(0)
+
+    def loop_sample() -> None:
+        for _ in range(loop_cells):
+            layer, position = int(rng.integers(cfg.n_layers)), int(rng.integers(seq))
+            jax.block_until_ready(forward(corrupted, clean_resid_pre, layer, position, answer, wrong))
+
+    start = time.perf_counter()
+    grid()
+    first_grid = time.perf_counter() - start
+    loop_sample()  # compile
+    grid_times, cell_times = [], []
+    for _ in range(reps):  # interleaved, so that the machine's drift hits both alike
+        for fn, times, per in ((grid, grid_times, 1), (loop_sample, cell_times, loop_cells)):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) / per)
+    n_cells = cfg.n_layers * seq
+    grid_s, loop_s = statistics.median(grid_times), statistics.median(cell_times) * n_cells
+    return {"shape": name, "cells": n_cells, "grid_s": grid_s, "loop_s": loop_s, "ratio": grid_s / loop_s,
+            "first_call_grid_s": first_grid}  # fmt: skip
+
+
+def main_patching(args: argparse.Namespace) -> list[dict]:
+    results = []
+    for name in args.shapes.split(","):
+        r = measure_patching(name, args.reps, args.loop_cells)
+        results.append(r)
+        s = PATCHING_SHAPES[name]
+        print(
+            f"{name:>9} ({s['n_layers']} layers x d {s['d_model']}, vocab {s.get('vocab_size', 256)}, "
+            f"{s['batch']} x {s['seq']}; {r['cells']} cells): grid {r['grid_s']:.2f} s   loop {r['loop_s']:.2f} s   "
+            f"grid/loop {r['ratio']:.3f} (target <= 0.6)   first grid call {r['first_call_grid_s']:.1f} s",
+            flush=True,
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--shapes", default="small,big")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--patching", action="store_true", help="the patching grid against a loop instead")
+    parser.add_argument("--loop-cells", type=int, default=16)
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    results = []
-    for name in args.shapes.split(","):
+    results = main_patching(args) if args.patching else []
+    for name in [] if args.patching else args.shapes.split(","):
         r = measure(name, args.reps)
         results.append(r)
         print(

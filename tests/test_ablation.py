@@ -63,7 +63,7 @@ def test_deleting_a_layer_of_a_pre_ln_residual_model_is_zeroing_its_writes():
 @pytest.mark.parametrize("arch", sample()[1::3], ids=grid_id)
 def test_each_row_of_a_sweep_equals_the_single_ablation(arch, granularity):
     model, tokens, _, _ = built(**arch)
-    table = A.ablation_sweep(model, tokens, granularity)
+    table = A.ablation_sweep(model, tokens, granularity, group_size=1)  # as many groups as there can be
     single = [float(A.ablate(model, tokens, [label]).loss) for label in table.labels]
     assert table.labels == tuple(interventions.component_labels(model.cfg, granularity))
     assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg)
@@ -83,8 +83,11 @@ def test_sweep_in_chunks_equals_the_sweep_at_once():
     model, tokens, _, _ = built(mlp="swiglu")
     whole = A.ablation_sweep(model, tokens, "heads", chunk_size=64)
     chunked = A.ablation_sweep(model, tokens, "heads", chunk_size=5)  # 12 heads: chunks of 5, 5 and 2
-    np.testing.assert_allclose(chunked.loss, whole.loss, rtol=1e-6)
-    np.testing.assert_allclose(chunked.direct, whole.direct, rtol=1e-5, atol=1e-7)
+    # 4 groups of 3 lanes, a head of each layer
+    grouped = A.ablation_sweep(model, tokens, "heads", chunk_size=2, group_size=1)
+    for part in (chunked, grouped):
+        np.testing.assert_allclose(part.loss, whole.loss, rtol=1e-6)
+        np.testing.assert_allclose(part.direct, whole.direct, rtol=1e-5, atol=1e-7)
 
 
 def test_mean_ablation_over_the_same_batch_keeps_the_mean_write():
@@ -158,7 +161,7 @@ def test_direct_effect_is_the_decomposition_row_removed():
 def test_deletion_curve_rows_equal_single_deletions():
     for arch in ({}, {"residual": False}):
         model, tokens, _, _ = built(**arch)
-        curve = A.deletion_curve(model, tokens, draws=2, seed=3)
+        curve = A.deletion_curve(model, tokens, draws=2, seed=3, group_size=1)
         assert list(curve.ks) == [0, 1, 2, 3] and list(curve.by_k()) == [0, 1, 2, 3]
         assert [len(v) for v in curve.by_k().values()] == [1, 2, 2, 1]
         assert float(curve.loss[0]) == float(curve.baseline)

@@ -43,7 +43,7 @@ def test_each_grid_cell_equals_the_patch_done_by_hand(arch):
     plain forward passes, indexed here."""
     model, clean, corrupted, _ = _pair(**arch)
     answer, wrong = clean[:, -1], corrupted[:, -1]
-    result = P.patch_resid(model, clean, corrupted, answer, wrong)
+    result = P.patch_resid(model, clean, corrupted, answer, wrong, group_size=1)  # one group per position
     seq, rows = clean.shape[1], jnp.arange(clean.shape[0])
     assert result.logit_diff.shape == (model.cfg.n_layers, seq)
     for layer, position in [(0, 3), (1, seq - 1), (2, 0), (2, 7)]:
