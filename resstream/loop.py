@@ -253,7 +253,10 @@ class _Loop:
         start, status, val = int(state.step), "completed", None
         schedule = learning_rate_schedule(optimizer_config(self.config))
         throughput = _Throughput(tc.grad_accum * tc.batch_size * self.cfg.n_ctx)
-        finite: Any = True  # every step so far was finite (a device array after the first step)
+        # Every step so far was finite: a flag on the device, placed as the steps return it (on the
+        # state's mesh), so that the first step compiles the same program as every later one.
+        mesh = jax.tree.leaves(state)[0].sharding.mesh
+        finite: Any = jax.device_put(True, NamedSharding(mesh, P()))
         unread: list[tuple[int, dict]] = []  # (step, metrics) not yet checked for divergence
         progress = tqdm(
             range(start, tc.steps), initial=start, total=tc.steps, desc="train", unit="step",
