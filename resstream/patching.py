@@ -73,7 +73,7 @@ def _checked_pair(model: Transformer, clean: Any, corrupted: Any) -> tuple[jax.A
     return clean, corrupted
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "plan", "readout", "jobs_shape"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "plan", "readout", "jobs_shape", "read_last"))
 def _patched(
     state,
     clean,
@@ -87,6 +87,7 @@ def _patched(
     plan: LanePlan,
     readout,
     jobs_shape,
+    read_last,
 ):
     model = nnx.merge(graphdef, state)
     record = ("resid_pre", "resid_mid")
@@ -98,7 +99,7 @@ def _patched(
 
     out = run_lanes(
         model, corrupted_cache, masks, zero_replacement(model.cfg), schedule, read,
-        source=clean_cache, patch_positions=positions, plan=plan,
+        source=clean_cache, patch_positions=positions, plan=plan, read_last=read_last,
     )  # fmt: skip
     out = jax.tree.map(lambda x: x.reshape(*jobs_shape, *x.shape[1:]), out)
     return out, read(clean_cache["resid_final"]), read(corrupted_cache["resid_final"])
@@ -114,13 +115,14 @@ def _run(
     args: tuple,
     *,
     jobs_shape: tuple[int, ...] | None = None,
+    read_last: int | None = None,
     chunk_size: int | None = None,
     group_size: int | None = None,
     memory_budget: int | None = None,
 ) -> Any:
     """(readout per job [n_jobs, ...], the clean run's, the corrupted run's) for jobs patching the
     clean stream into the corrupted run at `layers` [n_jobs] and `positions` [n_jobs, seq]; the
-    jobs' axis reshaped to `jobs_shape`."""
+    jobs' axis reshaped to `jobs_shape`. `read_last=n`: the readout reads only the last n positions."""
     n_jobs = len(layers)
     masks = stack([no_ablation(model.cfg)] * n_jobs)
     schedule = make_schedule(model, masks, patch_layers=layers)
@@ -136,6 +138,7 @@ def _run(
     graphdef, state = nnx.split(model)
     jobs_shape = jobs_shape or (n_jobs,)
     static = {"graphdef": graphdef, "schedule": schedule, "plan": plan, "readout": readout, "jobs_shape": jobs_shape}
+    static["read_last"] = read_last
     hint = f": use fewer or shorter prompts than {tuple(clean.shape)}"
     with mesh_context(state):
         return run_within(
@@ -198,6 +201,7 @@ def patch_resid(
     positions = np.tile(np.eye(seq, dtype=bool), (cfg.n_layers, 1))  # job (l, p) patches position p
     grid, clean_diff, corrupted_diff = _run(
         model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong),
-        jobs_shape=(cfg.n_layers, seq), chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
+        jobs_shape=(cfg.n_layers, seq), read_last=1,  # the logit difference is read at the last position
+        chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
     )  # fmt: skip
     return PatchingResult(grid, clean_diff, corrupted_diff)

@@ -188,7 +188,8 @@ def _stream_entering(cache: Cache, cfg: Any, k: int) -> jax.Array:
 @dataclasses.dataclass
 class _Lanes:
     """The state of `run_lanes`: the lanes that have started, in the order of `jobs`, and their
-    streams [len(jobs), batch, seq, d_model] entering the next sublayer."""
+    streams [len(jobs), batch, seq, d_model] entering the next sublayer. Once `window` is set, only
+    those positions are carried (the readout reads no others)."""
 
     model: Transformer
     base: Cache
@@ -198,8 +199,16 @@ class _Lanes:
     source: Cache | None
     patch_positions: jax.Array | None
     chunk_size: int
+    read_last: int | None = None
     jobs: list[int] = dataclasses.field(default_factory=list)
     streams: jax.Array | None = None
+    window: slice | None = None
+
+    def narrow(self) -> None:
+        """From here on carry only the last `read_last` positions."""
+        self.window = slice(-self.read_last, None)
+        if self.streams is not None:
+            self.streams = self.streams[:, :, self.window]
 
     def entering(self, jobs: list[int], k: int) -> jax.Array:
         """Initial streams [len(jobs), batch, seq, d_model] of jobs that join at sublayer k: the
@@ -208,10 +217,10 @@ class _Lanes:
         shape = self.base["embed"].shape
         x = jnp.broadcast_to(_stream_entering(self.base, cfg, k), (len(jobs), *shape))
         patched = np.array([self.schedule.patch_layers[j] * cfg.sublayers_per_layer == k for j in jobs])
-        if self.source is None or not patched.any():
-            return x
-        where = self.patch_positions[np.array(jobs)] & jnp.asarray(patched)[:, None]  # [jobs, seq]
-        return jnp.where(where[:, None, :, None], _stream_entering(self.source, cfg, k)[None], x)
+        if self.source is not None and patched.any():
+            where = self.patch_positions[np.array(jobs)] & jnp.asarray(patched)[:, None]  # [jobs, seq]
+            x = jnp.where(where[:, None, :, None], _stream_entering(self.source, cfg, k)[None], x)
+        return x if self.window is None else x[:, :, self.window]
 
     def apply(self, k: int, jobs: list[int], streams: jax.Array, compute: bool) -> jax.Array:
         """Sublayer k applied to each lane under that lane's ablation; `compute=False` for lanes
@@ -221,7 +230,9 @@ class _Lanes:
         block = self.model.layer(layer)
         rope = self.model.rope(streams.shape[2])
         lane_masks = jax.tree.map(lambda m: m[np.array(jobs), layer], self.ablation)
-        values = jax.tree.map(lambda v: v[layer], self.replacement)
+        values = jax.tree.map(lambda v: v[layer], self.replacement)  # [batch | 1, seq | 1, ...]
+        if self.window is not None:
+            values = jax.tree.map(lambda v: v if v.shape[1] == 1 else v[:, self.window], values)
 
         def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
             stream = ResidualStream(resid, {}, lane_ablation, values, residual=cfg.residual)
@@ -230,7 +241,11 @@ class _Lanes:
         return _map_lanes(one, (streams, lane_masks), self.chunk_size)
 
     def step(self, k: int) -> None:
-        """Let the jobs that start at k join, then run sublayer k on every lane."""
+        """Let the jobs that start at k join, then run sublayer k on every lane. The last sublayer,
+        if an MLP (position by position), runs only at the positions read."""
+        last_mlp = k == self.model.cfg.n_sublayers - 1 and self.model.cfg.sublayer(k)[1] == "mlp"
+        if self.read_last is not None and last_mlp:
+            self.narrow()
         new = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == k]
         fresh = [j for j in new if not self.schedule.cheap[j]]  # compute sublayer k from the base stream
         known = [j for j in new if self.schedule.cheap[j]]  # sublayer k's output is known
@@ -249,6 +264,8 @@ class _Lanes:
         """Jobs that change nothing join at the end, as the base run's final stream."""
         n = self.model.cfg.n_sublayers
         untouched = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == n]
+        if self.read_last is not None and self.window is None:
+            self.narrow()
         if untouched:
             x = self.entering(untouched, n)
             self.streams = x if self.streams is None else jnp.concatenate([self.streams, x])
@@ -266,9 +283,12 @@ def run_lanes(
     source: Cache | None = None,
     patch_positions: jax.Array | None = None,
     plan: LanePlan,
+    read_last: int | None = None,
 ) -> Any:
     """Run every job of `schedule` and return `readout(final stream [batch, seq, d_model])` for
     each, stacked on a leading [n_jobs] axis in job order. Traced: call it inside a jit.
+    With `read_last=n` the readout gets only the last n positions, [batch, n, d_model], and a final
+    MLP sublayer is computed only there.
 
     base:   the cache of the unablated run, with "resid_pre" and "resid_mid" recorded.
     ablation: masks with a leading [n_jobs] axis; replacement: values shared by all jobs.
@@ -281,7 +301,7 @@ def run_lanes(
     positions = None if patch_positions is None else patch_positions[groups.members]
 
     def group(xs: tuple[Ablation, jax.Array | None]) -> Any:
-        lanes = _Lanes(model, base, xs[0], replacement, groups.slots, source, xs[1], plan.chunk)
+        lanes = _Lanes(model, base, xs[0], replacement, groups.slots, source, xs[1], plan.chunk, read_last)
         for k in range(model.cfg.n_sublayers):
             lanes.step(k)
         lanes.finish()
