@@ -18,10 +18,14 @@ Patching (`--patching`), at those shapes and at 2 layers x d_model 768 x vocab 5
          (`run_with_hooks` with a hook on `resid_pre`), here one compiled function with the layer
          and position as traced arguments, logits at every position. Every cell costs the same, so
          the loop is timed on `--loop-cells` random cells and scaled to the L x P grid.
+With `--positions K` both patch only K evenly spaced positions (L x K cells; the grid still pays
+its two unpatched runs whole, so its ratio can only be worse than the full grid's): the full grid
+at the big shape (3,072 cells) takes tens of minutes on a 2-core CPU.
 and prints grid / loop (target: at most 0.6 at every shape).
 
     python benchmarks/ablation.py [--reps 5] [--shapes small,big] [--json out.json]
     python benchmarks/ablation.py --patching [--shapes small,big,gpt2vocab] [--reps 3] [--loop-cells 16]
+        [--positions K]
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ def _patched_forward(model: Transformer):
     return lambda *args: run(state, *args)
 
 
-def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
+def measure_patching(name: str, reps: int, loop_cells: int, n_positions: int | None = None) -> dict:
     shape = PATCHING_SHAPES[name]
     cfg = ModelConfig(
         vocab_size=shape.get("vocab_size", 256), n_layers=shape["n_layers"], d_model=shape["d_model"],
@@ -115,9 +119,10 @@ def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
     clean = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
     corrupted = jax.random.randint(jax.random.key(2), (batch, seq), 0, cfg.vocab_size)
     answer, wrong = clean[:, -1], corrupted[:, -1]
+    columns = np.linspace(0, seq - 1, n_positions or seq).round().astype(int)
 
     def grid() -> None:
-        jax.block_until_ready(patch_resid(model, clean, corrupted, answer, wrong).logit_diff)
+        jax.block_until_ready(patch_resid(model, clean, corrupted, answer, wrong, positions=columns).logit_diff)
 
     clean_resid_pre = model.run_with_cache(clean, record=("resid_pre",))[1]["resid_pre"]
     forward = _patched_forward(model)
@@ -125,7 +130,7 @@ def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
 
     def loop_sample() -> None:
         for _ in range(loop_cells):
-            layer, position = int(rng.integers(cfg.n_layers)), int(rng.integers(seq))
+            layer, position = int(rng.integers(cfg.n_layers)), int(rng.choice(columns))
             jax.block_until_ready(forward(corrupted, clean_resid_pre, layer, position, answer, wrong))
 
     start = time.perf_counter()
@@ -138,7 +143,7 @@ def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) / per)
-    n_cells = cfg.n_layers * seq
+    n_cells = cfg.n_layers * len(columns)
     grid_s, loop_s = statistics.median(grid_times), statistics.median(cell_times) * n_cells
     return {"shape": name, "cells": n_cells, "grid_s": grid_s, "loop_s": loop_s, "ratio": grid_s / loop_s,
             "first_call_grid_s": first_grid}  # fmt: skip
@@ -147,7 +152,7 @@ def measure_patching(name: str, reps: int, loop_cells: int) -> dict:
 def main_patching(args: argparse.Namespace) -> list[dict]:
     results = []
     for name in args.shapes.split(","):
-        r = measure_patching(name, args.reps, args.loop_cells)
+        r = measure_patching(name, args.reps, args.loop_cells, args.positions)
         results.append(r)
         s = PATCHING_SHAPES[name]
         print(
@@ -166,6 +171,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--patching", action="store_true", help="the patching grid against a loop instead")
     parser.add_argument("--loop-cells", type=int, default=16)
+    parser.add_argument("--positions", type=int, default=None, help="patch only this many positions")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     results = main_patching(args) if args.patching else []

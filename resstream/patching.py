@@ -183,6 +183,7 @@ def patch_resid(
     answer_tokens: Any,
     wrong_tokens: Any,
     *,
+    positions: Any = None,
     chunk_size: int | None = None,
     group_size: int | None = None,
     memory_budget: int | None = None,
@@ -190,18 +191,23 @@ def patch_resid(
     """Patch the clean stream into the corrupted run at every (layer, position), one at a time, in
     one compiled call; returns the [n_layers, seq] grid of logit differences
     logit[answer] - logit[wrong] at the last position. `answer_tokens`, `wrong_tokens`: an id, or
-    one per sequence. The call stays within `memory_budget` bytes (see `resstream.memory`);
-    `chunk_size` / `group_size` override the plan it would choose, as for `ablation_sweep`."""
+    one per sequence. `positions` (indices): patch only those, for an [n_layers, len(positions)]
+    grid whose columns follow them (default: every position). The call stays within `memory_budget`
+    bytes (see `resstream.memory`); `chunk_size` / `group_size` override the plan it would choose, as
+    for `ablation_sweep`."""
     clean, corrupted = _checked_pair(model, clean_tokens, corrupted_tokens)
     cfg = model.cfg
     batch, seq = clean.shape
     answer = _answers(answer_tokens, batch, cfg.vocab_size, "answer_tokens")
     wrong = _answers(wrong_tokens, batch, cfg.vocab_size, "wrong_tokens")
-    layers = np.repeat(np.arange(cfg.n_layers), seq)
-    positions = np.tile(np.eye(seq, dtype=bool), (cfg.n_layers, 1))  # job (l, p) patches position p
+    columns = np.arange(seq) if positions is None else np.asarray(positions).reshape(-1)
+    if not np.issubdtype(columns.dtype, np.integer) or ((columns < -seq) | (columns >= seq)).any() or not len(columns):
+        raise AblationError(f"positions must be indices into the prompts' {seq} positions, got {positions}")
+    layers = np.repeat(np.arange(cfg.n_layers), len(columns))
+    patched = np.tile(np.eye(seq, dtype=bool)[columns], (cfg.n_layers, 1))  # job (l, p) patches position p
     grid, clean_diff, corrupted_diff = _run(
-        model, clean, corrupted, layers, positions, _logit_diff, (answer, wrong),
-        jobs_shape=(cfg.n_layers, seq), read_last=1,  # the logit difference is read at the last position
+        model, clean, corrupted, layers, patched, _logit_diff, (answer, wrong),
+        jobs_shape=(cfg.n_layers, len(columns)), read_last=1,  # the logit difference is read at the last position
         chunk_size=chunk_size, group_size=group_size, memory_budget=memory_budget,
     )  # fmt: skip
     return PatchingResult(grid, clean_diff, corrupted_diff)

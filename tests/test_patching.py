@@ -50,6 +50,8 @@ def test_each_grid_cell_equals_the_patch_done_by_hand(arch):
         logits = _patched_by_hand(model, clean, corrupted, layer, position)
         expected = jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
         assert abs(float(result.logit_diff[layer, position]) - float(expected)) < 1e-5
+    some = P.patch_resid(model, clean, corrupted, answer, wrong, positions=[7, 0, -1])  # columns in that order
+    np.testing.assert_allclose(some.logit_diff, result.logit_diff[:, [7, 0, seq - 1]], rtol=1e-5, atol=1e-6)
     for tokens, diff in ((clean, result.clean_diff), (corrupted, result.corrupted_diff)):
         logits = model(tokens)
         expected = jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
@@ -87,6 +89,8 @@ def test_patching_refuses_mismatched_prompts_and_bad_answers():
         P.patch_resid(model, clean, corrupted[:, 1:], 0, 1)
     with pytest.raises(AblationError, match=r"answer_tokens must be token ids in \[0, 61\)"):
         P.patch_resid(model, clean, corrupted, 99, 1)
+    with pytest.raises(P.AblationError, match="positions must be indices"):
+        P.patch_resid(model, clean, corrupted, 0, 1, positions=[clean.shape[1]])
     with pytest.raises(AblationError, match=r"layer=3 is out of range: the model has layers 0\.\.2"):
         P.run_patched(model, clean, corrupted, layer=3)
     with pytest.raises(AblationError, match=r"positions 0\.\.11"):
