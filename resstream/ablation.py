@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx, struct
 
 from resstream import analysis
+from resstream.cache_view import CacheView
 from resstream.interventions import (
     Ablation,
     AblationError,
@@ -178,9 +179,12 @@ def _direct_losses(
             if (split, r) in columns:
                 weights[i, columns[(split, r)]] = 1.0
 
+    W_eff, row_scale, _ = analysis.frozen_readout(model, CacheView(cache))  # once, outside the loop
+
     def one(w: jax.Array) -> jax.Array:
         change = jnp.tensordot(w, changes, axes=1)  # [batch, seq, d_model]
-        return next_token_loss(logits + analysis.direct_logits(model, cache, change), tokens)
+        direct = change @ W_eff  # what the change adds to the logits through the frozen final norm
+        return next_token_loss(logits + (direct if row_scale is None else direct * row_scale), tokens)
 
     return jax.lax.map(one, jnp.asarray(weights), batch_size=chunk)
 

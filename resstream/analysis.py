@@ -210,7 +210,7 @@ def head_rows(model: Transformer, view: CacheView, layer: int) -> jax.Array:
     return jnp.concatenate([heads, b_O[None]], axis=0)
 
 
-def _readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+def frozen_readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """The final norm (frozen scale) and unembedding as one linear map of the final stream:
     logits = (resid @ W_eff) * row_scale + bias, with W_eff [d_model, vocab].
 
@@ -227,15 +227,6 @@ def _readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.Array 
         W_eff = W_eff - jnp.mean(W_eff, axis=0, keepdims=True)
         bias = bias + model.ln_final.b[...].astype(F32) @ W_U
     return W_eff, 1.0 / view["ln_final_scale"], bias
-
-
-def direct_logits(model: Transformer, cache: Cache, resid: jax.Array) -> jax.Array:
-    """What a piece `resid` [..., batch, seq, d_model] of the final stream adds to the logits,
-    [..., batch, seq, vocab]: the final norm with its scale frozen at the cache's, then W_U, no
-    biases. Linear, so pieces add up; traced (call it inside a jit)."""
-    W_eff, row_scale, _ = _readout(model, CacheView(cache))
-    out = (resid.reshape(-1, resid.shape[-1]) @ W_eff).reshape(*resid.shape[:-1], -1)
-    return out if row_scale is None else out * row_scale
 
 
 def _accumulated(model: Transformer, view: CacheView, stop: int, mid: bool) -> Labelled:
@@ -292,7 +283,7 @@ def decompose_logits(
     (final norm bias @ W_U + b_U). The rows sum to the logits the model produced, [...,vocab]."""
     view = CacheView(cache, batch, pos)
     parts = _components(model, view, model.cfg.n_sublayers, split_heads)
-    W_eff, row_scale, bias = _readout(model, view)
+    W_eff, row_scale, bias = frozen_readout(model, view)
     # One 2-D matmul per block, then one pass that orders the rows and applies the per-position
     # scale: the [n, ..., d_model] stack is never built.
     direct = parts.map(lambda rows: (rows.reshape(-1, rows.shape[-1]) @ W_eff).reshape(*rows.shape[:-1], -1))
@@ -325,7 +316,7 @@ def logit_attrs(
     [n, ..., vocab] array is made."""
     view = CacheView(cache, batch, pos)
     parts = _components(model, view, model.cfg.n_sublayers, split_heads)
-    W_eff, row_scale, bias = _readout(model, view)
+    W_eff, row_scale, bias = frozen_readout(model, view)
 
     def column(ids: Any, name: str) -> tuple[jax.Array, jax.Array]:
         ids = view.token_ids(ids, name, select_tokens)
