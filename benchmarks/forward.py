@@ -4,8 +4,9 @@ Prints, measured side by side in one run on the same inputs, at two shapes:
   (a) run_with_cache time / plain forward time        (target: at most 1.15)
   (b) decompose_logits + logit_attrs time              (jitted, on a cache already made)
   (c) compile time of a 1000-layer model / a 4-layer model of the same width  (target: at most 2)
+  (d) with --deepnorm, (c) again for DeepNorm models (post-LN, the stream carried as alpha * x)
 
-    python benchmarks/forward.py [--reps 20] [--shapes small,big] [--json out.json]
+    python benchmarks/forward.py [--reps 20] [--shapes small,big] [--deepnorm] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ SHAPES = {
 }
 
 
-def config(shape: dict, n_layers: int | None = None) -> ModelConfig:
+def config(shape: dict, n_layers: int | None = None, deepnorm: bool = False) -> ModelConfig:
     return ModelConfig(
         vocab_size=256,
         n_layers=n_layers or shape["n_layers"],
         d_model=shape["d_model"],
         n_heads=shape["n_heads"],
         n_ctx=shape["seq"],
+        **(dict(norm_placement="post", deepnorm=True) if deepnorm else {}),
     )
 
 
@@ -67,7 +69,7 @@ def compile_seconds(cfg: ModelConfig, batch: int, seq: int, reps: int = 3) -> fl
     return statistics.median(seconds)
 
 
-def bench_shape(name: str, shape: dict, reps: int) -> dict:
+def bench_shape(name: str, shape: dict, reps: int, deepnorm: bool = False) -> dict:
     cfg = config(shape)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -98,6 +100,16 @@ def bench_shape(name: str, shape: dict, reps: int) -> dict:
     )
     compile_4 = compile_seconds(config(shape, 4), shape["batch"], shape["seq"])
     compile_1000 = compile_seconds(config(shape, 1000), shape["batch"], shape["seq"])
+    deep = {}
+    if deepnorm:
+        deep_4, deep_1000 = (
+            compile_seconds(config(shape, n, deepnorm=True), shape["batch"], shape["seq"]) for n in (4, 1000)
+        )
+        deep = {
+            "deepnorm_compile_4_layers_s": deep_4,
+            "deepnorm_compile_1000_layers_s": deep_1000,
+            "deepnorm_compile_1000_over_4": deep_1000 / deep_4,
+        }
     return {
         "shape": name,
         **shape,
@@ -111,6 +123,7 @@ def bench_shape(name: str, shape: dict, reps: int) -> dict:
         "compile_4_layers_s": compile_4,
         "compile_1000_layers_s": compile_1000,
         "compile_1000_over_4": compile_1000 / compile_4,
+        **deep,
     }
 
 
@@ -118,11 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default="small,big")
+    parser.add_argument("--deepnorm", action="store_true", help="also time compiling DeepNorm models (4, 1000 layers)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
-    results = [bench_shape(name, SHAPES[name], args.reps) for name in args.shapes.split(",")]
+    results = [bench_shape(name, SHAPES[name], args.reps, args.deepnorm) for name in args.shapes.split(",")]
     header = (
         f"{'shape':6} {'layers x d x heads, batch x seq':32} {'forward':>9} {'w/ cache':>9} {'ratio':>6} "
         f"{'decompose':>9} {'attrs':>7} {'both':>8} {'compile 4L':>10} {'1000L':>7} {'ratio':>6}"
@@ -142,7 +156,14 @@ def main() -> None:
             f"{r['shape']}: decompose_logits + logit_attrs called directly (not under a jit of ours): "
             f"{r['api_decompose_and_attrs_ms']:.2f}ms"
         )
-    print("targets: run_with_cache / forward <= 1.15; compile 1000 layers / 4 layers <= 2")
+    for r in results:
+        if "deepnorm_compile_1000_over_4" in r:
+            print(
+                f"{r['shape']}: compile, DeepNorm (post-LN, norm(alpha * x + f(x))): 4 layers "
+                f"{r['deepnorm_compile_4_layers_s']:.2f}s, 1000 layers {r['deepnorm_compile_1000_layers_s']:.2f}s, "
+                f"ratio {r['deepnorm_compile_1000_over_4']:.2f}"
+            )
+    print("targets: run_with_cache / forward <= 1.15; compile 1000 layers / 4 layers <= 2 (DeepNorm too)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -9,7 +9,8 @@ linear in the recorded writes, so the rows sum back exactly (up to float32 round
 - pre-LN: component c reaches the logits as ((c - mean(c)) / scale_final * w_final) @ W_U
   (RMSNorm drops the centring); the final norm's bias and b_U form the `bias` row.
 - post-LN: each norm maps every earlier component through c -> (c - mean(c)) / scale * w, and
-  adds its bias as a component of its own (`{l}_ln1_bias`, `{l}_ln2_bias`).
+  adds its bias as a component of its own (`{l}_ln1_bias`, `{l}_ln2_bias`); DeepNorm's
+  norm(alpha * x + f(x)) first scales every earlier component (bias rows included) by alpha.
 - residual=False: a write replaces the stream, so only the last write (and what later norms add)
   is a component of what follows.
 Unlike TransformerLens without weight folding, the norm weight w is applied: the sums are exact.
@@ -135,9 +136,8 @@ class _Blocks:
 
 def _components(model: Transformer, view: CacheView, point: int, split_heads: bool) -> _Blocks:
     """The components that sum to the stream at `point` (a count of sublayers applied)."""
-    cfg = model.cfg
-    blocks = [view["embed"][None]]
-    labels = ["embed"]
+    cfg, alpha = model.cfg, model.cfg.residual_scale
+    blocks, labels = [view["embed"][None]], ["embed"]
     if "pos_embed" in view:
         blocks.append(view["pos_embed"][None])
         labels.append("pos_embed")
@@ -150,7 +150,8 @@ def _components(model: Transformer, view: CacheView, point: int, split_heads: bo
         else:
             rows = view[f"{kind}_out"][layer][None]
         row_labels = _attn_labels(model, layer, split_heads) if kind == "attn" else [f"{layer}_mlp_out"]
-        if cfg.residual:
+        if cfg.residual:  # DeepNorm: the stream so far is carried as alpha * x
+            blocks = blocks if alpha == 1.0 else [x * alpha for x in blocks]
             blocks, labels = [*blocks, rows], labels + row_labels
         else:
             blocks, labels = [rows], row_labels
@@ -231,23 +232,20 @@ def frozen_readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.
 
 def _accumulated(model: Transformer, view: CacheView, stop: int, mid: bool) -> Labelled:
     """The stream [n_points, ..., d_model] at each layer's input up to sublayer count `stop`."""
-    cfg = model.cfg
+    cfg, alpha = model.cfg, model.cfg.residual_scale
     x = view["embed"] + view.get("pos_embed", 0.0)
     rows, labels = [x], ["0_pre"]
     for k in range(stop):
         layer, kind = cfg.sublayer(k)
         write = view[f"{kind}_out"][layer]
-        x = x + write if cfg.residual else write
+        x = (x if alpha == 1.0 else x * alpha) + write if cfg.residual else write
         if cfg.norm_placement == "post":
             linear, bias = _post_norm(model, view, layer, kind)
             x = linear(x) if bias is None else linear(x) + bias
-        if (k + 1) % cfg.sublayers_per_layer:  # between this layer's attention and its MLP
-            if mid:
-                rows.append(x)
-                labels.append(f"{layer}_mid")
-        elif k + 1 < cfg.n_sublayers:
+        between = (k + 1) % cfg.sublayers_per_layer  # between this layer's attention and its MLP
+        if (mid and between) or (not between and k + 1 < cfg.n_sublayers):
             rows.append(x)
-            labels.append(f"{layer + 1}_pre")
+            labels.append(f"{layer}_mid" if between else f"{layer + 1}_pre")
     if stop == cfg.n_sublayers:
         rows.append(view["resid_final"])
         labels.append("final")

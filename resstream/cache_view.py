@@ -75,6 +75,10 @@ class CacheView:
         by default ids shaped like the selection (or broadcastable to it); with `select_tokens`, ids
         for the cache's whole [batch, seq], selected as the cache is. Other shapes raise ValueError."""
         ids, shape, full = jnp.asarray(ids), self["embed"].shape[:-1], self.stream_shape
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+        # int32 before any comparison: uint8 ids (ByteTokenizer.encode's) cannot hold the vocabulary size
+        ids = ids.astype(jnp.int32)
         if ids.ndim and select_tokens:
             if ids.shape != full:
                 raise ValueError(

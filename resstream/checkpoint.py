@@ -12,6 +12,7 @@ the best by validation loss.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import shutil
@@ -205,7 +206,8 @@ class Checkpoints:
 
 
 def _check_model(meta: dict, model_config: ModelConfig, where: str) -> None:
-    saved = meta.get("model_config", {})
+    # A field added since the checkpoint was saved takes its default (the model it was saved from).
+    saved = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **meta.get("model_config", {})}
     wanted = model_config.to_dict()
     differences = {k: (saved.get(k), v) for k, v in wanted.items() if k not in RUNTIME_FIELDS and saved.get(k) != v}
     if differences:

@@ -1,6 +1,7 @@
 """Command line: `python train.py --config configs/NAME.py [--config.section.field=value ...]`,
-`python -m resstream sample RUN_DIR [--prompt ...]` and
-`python -m resstream ablate --checkpoint RUN_DIR [--granularity ...] [--deletion] [--patch]`."""
+`python -m resstream sample RUN_DIR [--prompt ...]`,
+`python -m resstream ablate --checkpoint RUN_DIR [--granularity ...] [--deletion] [--patch]` and
+`python -m resstream study NAME [--config.field=value ...]`."""
 
 from __future__ import annotations
 
@@ -236,9 +237,78 @@ def _patch(model: Any, tokenizer: Any, args: argparse.Namespace, out: Path) -> N
     )
 
 
+STUDY_USAGE = "usage: python -m resstream study NAME [--config.FIELD=VALUE ...] (--list: the studies)"
+
+
+def study_main(argv: list[str]) -> None:
+    """`python -m resstream study NAME [--config.x=...]`: train what the study needs, measure, and
+    write runs/studies/NAME/ (results.json, results.csv, NAME.png, report.md)."""
+    import shlex
+
+    from resstream.studies import STUDIES, study_module
+    from resstream.studies.common import run_study
+
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        lines = [STUDY_USAGE, "", "studies:"]
+        lines += [f"  {name:18} {study_module(name).CLAIM.split('. ')[0]}." for name in STUDIES]
+        lines += ["", "--config.FIELD=VALUE overrides a field of the study's config; --help after NAME lists them."]
+        print("\n".join(lines))
+        return
+    try:
+        module = study_module(argv[0])
+    except ValueError as err:
+        raise UsageError(f"{err}\n{STUDY_USAGE}") from err
+    config = _study_flags(module, argv)
+    if config is None:
+        return
+    _cache_compiles(Path(config.pool_dir) / ".jax_cache")
+    run_study(module, config, "python -m resstream study " + shlex.join(argv))
+
+
+def _cache_compiles(directory: Path) -> None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), unless the user chose a
+    cache already: a study's models of one shape (its seeds) then compile once."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _study_flags(module: Any, argv: list[str]) -> Any:
+    """The study's config with the command line's --config.x=... overrides (None after --help)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = module.get_config()
+    if {"-h", "--help"} & set(argv[1:]):
+        print(f"{STUDY_USAGE}\n\n{module.NAME}: {module.CLAIM}\n\nconfig fields:")
+        for line in _flat(config.to_dict()):
+            print(f"  --config.{line}")
+        return None
+    values = flags.FlagValues()
+    command = ["study", *argv[1:]]
+    try:
+        flag = config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=command)
+        rest = values(command)
+    except Exception as err:  # an override naming no field, or a value of the wrong type
+        raise UsageError(f"{str(err).splitlines()[0]}\n{STUDY_USAGE}  (NAME --help lists the fields)") from err
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments {rest[1:]}: overrides look like --config.base.train.steps=100")
+    return flag.value
+
+
+def _flat(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        out += _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
+    return out
+
+
 USAGE = (
     "usage: python -m resstream sample RUN_DIR [--prompt TEXT] [--temperature T] [--top_k K] [--step N]\n"
     "       python -m resstream ablate --checkpoint RUN_DIR [--granularity G] [--method M] [--deletion] [--patch]\n"
+    "       python -m resstream study NAME [--config.FIELD=VALUE ...]   (--list: the studies)\n"
     "       (training: python train.py --config configs/NAME.py; each command takes --help)"
 )
 
@@ -251,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     from resstream.model import TokenError
 
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"sample": sample_main, "ablate": ablate_main}
+    commands = {"sample": sample_main, "ablate": ablate_main, "study": study_main}
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return
@@ -260,6 +330,6 @@ def main(argv: list[str] | None = None) -> None:
     show_notes()
     try:
         commands[argv[0]](argv[1:])
-    except (AblationError, CheckpointError, ConfigError, DataError, TokenError) as err:
+    except (AblationError, CheckpointError, ConfigError, DataError, TokenError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -51,6 +51,11 @@ class ModelConfig:
     attn_only: bool = False
     tied_embeddings: bool = False
     residual: bool = True  # False: each sublayer's output replaces the stream (a plain network)
+    # DeepNorm (Wang et al. 2022): a post-LN block norm(alpha * x + f(x)) that carries the stream
+    # scaled up by alpha = (2 n_layers)^(1/4), with W_V, W_O and the MLP weights drawn with std
+    # init_std * (8 n_layers)^(-1/4): trains very deep post-LN models. Needs norm_placement="post"
+    # and residual=True.
+    deepnorm: bool = False
     dropout: float = 0.0  # on the embedding and on every write, in training only
     stochastic_depth: float = 0.0  # drop probability of the last layer; grows linearly from 0
     dtype: str = "float32"  # compute dtype
@@ -96,6 +101,17 @@ class ModelConfig:
     def params_dtype(self) -> jnp.dtype:
         """The dtype parameters are stored in."""
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def residual_scale(self) -> float:
+        """alpha, the factor the carried stream is scaled by at every write: (2 n_layers)^(1/4) with
+        DeepNorm, else 1."""
+        return (2 * self.n_layers) ** 0.25 if self.deepnorm else 1.0
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """DeepNorm's beta = (8 n_layers)^(-1/4), the init gain of W_V, W_O and the MLP weights."""
+        return (8 * self.n_layers) ** -0.25
 
     @property
     def sublayers_per_layer(self) -> int:
@@ -186,6 +202,12 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(
             "stochastic_depth > 0 needs residual=True: dropping a layer of a plain network leaves no "
             "stream to pass on; set stochastic_depth=0.0 or residual=True"
+        )
+    if cfg.deepnorm and (cfg.norm_placement != "post" or not cfg.residual):
+        raise ConfigError(
+            f"deepnorm=True is a post-LN residual block norm(alpha * x + f(x)), got norm_placement="
+            f"{cfg.norm_placement!r}, residual={cfg.residual}: set norm_placement='post' and residual=True, "
+            "or deepnorm=False"
         )
     if cfg.norm_eps <= 0:
         raise ConfigError(f"norm_eps must be positive, got {cfg.norm_eps}")

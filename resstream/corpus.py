@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import logging
 import math
 import sysconfig
@@ -53,10 +54,11 @@ def stdlib_files() -> list[Path]:
     return files
 
 
-def _stdlib_candidates() -> list[Path]:
+@functools.cache  # listing the tree takes a second or two; a process (a study of many runs) lists it once
+def _stdlib_candidates() -> tuple[Path, ...]:
     """The standard library's .py files, site-packages excluded (listed, not read)."""
     root = stdlib_root()
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    return tuple(sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts))
 
 
 def _is_utf8(path: Path) -> bool:

@@ -8,7 +8,8 @@ Components are named as in TransformerLens: `L{l}` (a whole layer: its attention
 - "resample": it becomes what the model wrote on another batch of the same shape, sequence by sequence;
 - "delete": the sublayer or layer is removed: the stream leaves it as it came in (for a pre-LN
   residual model the same as "zero"; for a plain or post-LN network it also bypasses the layer's
-  norms, which is what "removing a layer" means in the deletion experiments).
+  norms (and DeepNorm's scaling of the stream by alpha), which is what "removing a layer" means in
+  the deletion experiments).
 
 The model's ordinary forward pass takes both:
 

@@ -30,6 +30,21 @@ def zeros_param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
+def value_std(cfg: ModelConfig) -> float:
+    """Init std of W_V, W_in and W_gate: init_std, or init_std * beta with DeepNorm."""
+    return cfg.init_std * cfg.deepnorm_beta if cfg.deepnorm else cfg.init_std
+
+
+def output_std(cfg: ModelConfig) -> float:
+    """Init std of W_O and W_out, the projections that write to the stream: GPT-2's scaled init
+    init_std / sqrt(2 n_layers), or init_std * beta with DeepNorm. DeepNorm's beta = (8N)^(-1/4)
+    shrinks every weight on the value path of a sublayer (W_V, W_O, the MLP's), so the update a
+    write makes to the stream stays bounded while alpha scales the carried stream up: together
+    they bound the model's update per step independently of depth (Wang et al. 2022). W_Q and W_K
+    only shape the attention pattern and keep init_std."""
+    return cfg.init_std * cfg.deepnorm_beta if cfg.deepnorm else cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout of `x` at `rate` (no-op without a key or at rate 0)."""
     if key is None or rate == 0.0:
@@ -88,9 +103,8 @@ class Attention(nnx.Module):
         self.implementation = attention_implementation(cfg)
         self.W_Q = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
         self.W_K = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
-        self.W_V = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
-        # GPT-2's scaled init of the projections that write to the stream.
-        self.W_O = normal_param(rngs, (h, e, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.W_V = normal_param(rngs, (h, d, e), value_std(cfg), pdt)
+        self.W_O = normal_param(rngs, (h, e, d), output_std(cfg), pdt)
         self.b_Q = zeros_param((h, e), pdt)
         self.b_K = zeros_param((h, e), pdt)
         self.b_V = zeros_param((h, e), pdt)
@@ -147,11 +161,11 @@ class MLP(nnx.Module):
         d, m, pdt = cfg.d_model, cfg.d_mlp, cfg.params_dtype
         self.kind = cfg.mlp
         self.dtype = cfg.compute_dtype
-        self.W_in = normal_param(rngs, (d, m), cfg.init_std, pdt)
+        self.W_in = normal_param(rngs, (d, m), value_std(cfg), pdt)
         self.b_in = zeros_param((m,), pdt)
-        self.W_gate = normal_param(rngs, (d, m), cfg.init_std, pdt) if cfg.mlp == "swiglu" else None
+        self.W_gate = normal_param(rngs, (d, m), value_std(cfg), pdt) if cfg.mlp == "swiglu" else None
         self.b_gate = zeros_param((m,), pdt) if cfg.mlp == "swiglu" else None
-        self.W_out = normal_param(rngs, (m, d), cfg.init_std / math.sqrt(2 * cfg.n_layers), pdt)
+        self.W_out = normal_param(rngs, (m, d), output_std(cfg), pdt)
         self.b_out = zeros_param((d,), pdt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -84,8 +84,9 @@ def _data(config: Any, cfg: ModelConfig, mesh: Any, tokenizer: Tokenizer) -> _Da
     return _Data(sampler, rows, to_global, val_batches, val_token_count / val_byte_count / math.log(2))
 
 
-def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) per `config` (see configs/default.py); returns a summary.
+def run(config: Any, run_dir: str | Path, *, report: bool = True) -> dict[str, Any]:
+    """Train (or resume) per `config` (see configs/default.py); returns a summary. `report=False`
+    skips the finished run's plots, samples and report.md (a study that trains many models).
 
     Nothing in `run_dir` changes until the run is accepted: a refused resume (another model, a
     corrupt checkpoint, another process training there) leaves the directory as it was."""
@@ -126,7 +127,7 @@ def run(config: Any, run_dir: str | Path) -> dict[str, Any]:
         summary = {"status": status, "step": int(state.step), "val_loss": val, "hosts": jax.process_count()}
         bits = None if val is None else val * data.bits_per_byte  # the loss per byte, whatever the tokenizer
         summary.update({} if bits is None else {"val_bits_per_byte": bits})
-        if status == "completed" and jax.process_count() == 1:  # samples and report: single-host runs
+        if report and status == "completed" and jax.process_count() == 1:  # samples and report: single-host
             model = nnx.merge(graphdef, state.params)
             summary.update(
                 write_report(config, cfg, model, int(state.step), data.val_batches, run_dir, val, tokenizer, bits)

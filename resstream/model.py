@@ -14,6 +14,7 @@ The mathematics, for a pre-LN model with residual connections:
     logits = ln_final(x) @ W_U + b_U
 
 post-LN: x = ln1_l(x + attn_l(x)); x = ln2_l(x + mlp_l(x)); no final norm.
+DeepNorm: post-LN with the carried stream scaled, x = ln1_l(alpha * x + attn_l(x)), alpha = (2 n_layers)^(1/4).
 residual=False: the `x +` is dropped, each sublayer's output becomes the stream.
 """
 
@@ -233,7 +234,7 @@ class Transformer(nnx.Module):
             pos = jnp.broadcast_to(self.W_pos[: tokens.shape[1]], embed.shape).astype(cfg.compute_dtype)
             pos = dropout(pos, cfg.dropout, keys[1])
             stream = stream.replace(resid=embed + pos).record("pos_embed", pos)
-        return stream.replace(residual=cfg.residual)
+        return stream.replace(residual=cfg.residual, carry_scale=cfg.residual_scale)
 
     def unembed(self, resid: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Final stream [batch, seq, d_model] -> (logits [batch, seq, vocab] float32, final scale)."""

@@ -36,7 +36,7 @@ def write_report(
         val_bits_per_byte = val / math.log(2)
     prompts = ["def ", "class ", "import "]
     samples = []
-    for prompt in prompts:
+    for prompt in prompts if config.train.sample_tokens > 0 else []:  # 0: no samples
         out = generate(
             model,
             tokenizer.encode(prompt)[None],
@@ -46,7 +46,8 @@ def write_report(
             seed=config.train.seed,
         )
         samples.append(tokenizer.decode(out[0]))
-    (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
+    if samples:
+        (run_dir / "samples.txt").write_text("\n\n----\n\n".join(samples))
 
     batch = val_batches[0]
     _, cache = model.run_with_cache(batch[:, :-1])
@@ -72,7 +73,7 @@ def write_report(
         "|---|---|",
         *[f"| {k} | {v:+.4f} |" for k, v in per_layer.items()],
         "",
-        f"plots: {', '.join(plots)}; samples: samples.txt",
+        f"plots: {', '.join(plots)}" + ("; samples: samples.txt" if samples else ""),
     ]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     bits = {} if val_bits_per_byte is None else {"val_bits_per_byte": val_bits_per_byte}

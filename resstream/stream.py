@@ -47,6 +47,9 @@ class ResidualStream:
     replacement: Replacement | None = None
     mode: str = struct.field(pytree_node=False, default="off")
     residual: bool = struct.field(pytree_node=False, default=True)
+    # The factor the carried stream is scaled by at each write of a residual network (DeepNorm's
+    # alpha: x -> alpha * x + value); 1.0 (no multiply) for every other model.
+    carry_scale: float = struct.field(pytree_node=False, default=1.0)
     optional: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     def read(self) -> jax.Array:
@@ -54,7 +57,8 @@ class ResidualStream:
         return self.resid
 
     def write(self, name: str, value: jax.Array) -> ResidualStream:
-        """Add `value` to the stream (or replace the stream, in a plain network) and record it.
+        """Add `value` to the stream (scaled by `carry_scale` first; in a plain network, replace the
+        stream) and record it.
 
         mode "full" keeps the write; mode "stats" keeps the mean token norm of the write, the mean
         token norm of the stream it is written into, and their mean cosine. An ablation replaces
@@ -63,7 +67,12 @@ class ResidualStream:
         if self.ablation is not None:
             mask = getattr(self.ablation, f"replace_{name.removesuffix('_out')}")
             value = jnp.where(mask, getattr(self.replacement, name).astype(value.dtype), value)
-        resid = self.resid + value if self.residual else value
+        if not self.residual:
+            resid = value
+        elif self.carry_scale == 1.0:
+            resid = self.resid + value
+        else:
+            resid = self.resid * self.carry_scale + value
         records = dict(self.records)
         if self.mode == "full":
             records[name] = value

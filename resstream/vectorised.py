@@ -235,7 +235,9 @@ class _Lanes:
             values = jax.tree.map(lambda v: v if v.shape[1] == 1 else v[:, self.window], values)
 
         def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
-            stream = ResidualStream(resid, {}, lane_ablation, values, residual=cfg.residual)
+            stream = ResidualStream(
+                resid, {}, lane_ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale
+            )
             return block.sublayer(kind, stream, rope, compute=compute).resid
 
         return _map_lanes(one, (streams, lane_masks), self.chunk_size)

@@ -9,6 +9,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
+import dataclasses
 import functools
 import itertools
 from pathlib import Path
@@ -50,7 +51,8 @@ BATCH, SEQ = 2, 12
 
 def grid() -> list[dict]:
     """Every supported architecture: norm x placement x positions x MLP (or attention-only) x
-    tied/untied x residual on/off."""
+    tied/untied x residual on/off (96), then 4 DeepNorm models (post-LN, residual) that between them
+    take each norm, each kind of positions and each MLP."""
     configs = []
     for norm, placement, positions, mlp, tied, residual in itertools.product(
         ("layernorm", "rmsnorm"),
@@ -71,13 +73,34 @@ def grid() -> list[dict]:
                 residual=residual,
             )
         )
+    for norm, positions, mlp, tied in (
+        ("layernorm", "learned", "gelu", False),
+        ("rmsnorm", "rotary", "swiglu", False),
+        ("layernorm", "rotary", "swiglu", True),
+        ("rmsnorm", "learned", "gelu", True),
+    ):
+        configs.append(
+            dict(
+                norm=norm,
+                norm_placement="post",
+                positions=positions,
+                mlp=mlp,
+                attn_only=False,
+                tied_embeddings=tied,
+                residual=True,
+                deepnorm=True,
+            )
+        )
     return configs
 
 
 def sample() -> list[dict]:
-    """14 configurations spread over the grid (every 7th; 7 is coprime to the grid's strides, so
-    every value of every axis appears), for checks that do not need all 96."""
-    return grid()[::7]
+    """15 configurations spread over the grid, for checks that do not need all 100: every 7th of the
+    96 (7 is coprime to their strides, so every value of every axis appears), then one DeepNorm
+    model, last: `sample()[1::3]` keeps its five configurations (tests/test_ablation.py compares them
+    with tests/reference.py directly, which knows no DeepNorm; see `reference_inputs`)."""
+    configs = grid()
+    return [*[kw for kw in configs if not kw.get("deepnorm")][::7], next(kw for kw in configs if kw.get("deepnorm"))]
 
 
 def grid_id(kw: dict) -> str:
@@ -89,6 +112,7 @@ def grid_id(kw: dict) -> str:
             "attn_only" if kw["attn_only"] else kw["mlp"],
             "tied" if kw["tied_embeddings"] else "untied",
             "resid" if kw["residual"] else "plain",
+            *(["deepnorm"] if kw.get("deepnorm") else []),
         ]
     )
 
@@ -112,6 +136,24 @@ def built(**kw) -> tuple[Transformer, jax.Array, jax.Array, dict]:
     tokens = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, cfg.vocab_size)
     logits, cache = model.run_with_cache(tokens, record=("resid_pre", "resid_mid"))
     return model, tokens, logits, cache
+
+
+def reference_inputs(model: Transformer) -> tuple[dict, ModelConfig]:
+    """(parameters as a nested dict, config) to give tests/reference.py for `model`. A DeepNorm model
+    is given as the plain post-LN model it equals, which the reference implements: norm(alpha x + f(x))
+    == norm'(x + f(x) / alpha), where norm' has eps / alpha^2 (a norm is scale-invariant but for its
+    eps) and f / alpha is f with its output projection (W_O, b_O or W_out, b_out) divided by alpha.
+    The stream is the same at every point, with any sublayer, head or write removed."""
+    params, cfg = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg
+    if not cfg.deepnorm:
+        return params, cfg
+    alpha = cfg.residual_scale
+    blocks = {name: dict(sub) for name, sub in params["blocks"].items()}
+    for sub, names in (("attn", ("W_O", "b_O")), ("mlp", ("W_out", "b_out"))):
+        for name in names:
+            blocks[sub][name] = np.asarray(blocks[sub][name], np.float64) / alpha
+    plain = dataclasses.replace(cfg, deepnorm=False, norm_eps=cfg.norm_eps / alpha**2)
+    return {**params, "blocks": blocks}, plain
 
 
 def max_rel_err(a, b) -> float:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import BATCH, SEQ, TINY, built, max_rel_err, randomize
+from conftest import BATCH, SEQ, TINY, built, max_rel_err, randomize, reference_inputs, roundoff_tolerance, sample
 from reference import reference_logits
 from resstream import ModelConfig, TokenError, Transformer
 from resstream import analysis as A  # noqa: N812  (the short name reads better in tests)
@@ -55,12 +55,12 @@ def test_logit_lens_reads_every_layer_and_ends_at_the_logits(sampled_arch):
     lens = A.logit_lens(model, cache, mid=True)
     assert lens.labels[0] == "0_pre" and lens.labels[-1] == "final"
     assert max_rel_err(lens["final"], logits) <= 1e-5
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params, reference_cfg = reference_inputs(model)
     sublayers = [(layer, kind) for layer in range(cfg.n_layers) for kind in ("attn", "mlp")]
     for layer in range(cfg.n_layers):
         points = {f"{layer}_pre": 2 * layer} | ({} if cfg.attn_only else {f"{layer}_mid": 2 * layer + 1})
         for label, kept in points.items():
-            expected = reference_logits(params, cfg, np.asarray(tokens), skip=set(sublayers[kept:]))
+            expected = reference_logits(params, reference_cfg, np.asarray(tokens), skip=set(sublayers[kept:]))
             assert max_rel_err(lens[label], expected) <= 1e-5, label
     resid = A.accumulated_resid(model, cache, mid=True)
     for layer in range(cfg.n_layers):
@@ -99,6 +99,18 @@ def test_logit_attrs_equal_decomposed_logits_of_the_chosen_tokens(sampled_arch):
     np.testing.assert_allclose(
         diff.values, picked[..., 0] - full.values[..., 3], atol=2e-4 * float(jnp.abs(logits).max())
     )
+
+
+def test_logit_attrs_take_byte_ids_of_any_integer_dtype():
+    """ByteTokenizer.encode gives uint8 ids, which cannot hold a vocabulary size of 256: the ids are
+    widened before they are checked, not compared in uint8 (where every id looked out of range)."""
+    model, tokens, _, cache = built(vocab_size=256)
+    targets = np.asarray(jnp.roll(tokens, -1, axis=1))
+    wide = A.logit_attrs(model, cache, targets.astype(np.int32))
+    assert np.isfinite(np.asarray(wide.values)).all()
+    np.testing.assert_array_equal(A.logit_attrs(model, cache, targets.astype(np.uint8)).values, wide.values)
+    with pytest.raises(ValueError, match="integer token ids"):
+        A.logit_attrs(model, cache, targets.astype(np.float32))
 
 
 def test_position_and_batch_selection_equal_slicing_the_full_result():
@@ -367,3 +379,29 @@ def test_layer_minus_one_is_the_final_stream_as_in_transformer_lens():
     last = A.neuron_results(model, with_post, -1, pos=-1)
     assert last.labels[-1] == f"L{n - 1}_b_out"
     assert max_rel_err(last.sum(), with_post["mlp_out"][n - 1][:, -1]) <= 1e-5
+
+
+def test_deepnorm_sweeps_and_patches_equal_single_runs():
+    """Sweeps and patching rebuild the stream sublayer by sublayer (resstream.vectorised), so with
+    DeepNorm they too must carry alpha * x: sweep rows against single ablations (zero and delete), a
+    patched cell against the corrupted run's stream patched and run on layer by layer."""
+    from resstream import ablation, patching
+
+    model, tokens, _, cache = built(**next(kw for kw in sample() if kw.get("deepnorm")))
+    for granularity, method in (("sublayers", "zero"), ("layers", "delete")):
+        table = ablation.ablation_sweep(model, tokens, granularity, method=method, group_size=1)
+        single = [float(ablation.ablate(model, tokens, [label], method=method).loss) for label in table.labels]
+        assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg), method
+        np.testing.assert_allclose(table.total, np.array(single) - float(table.baseline), atol=1e-5)
+    corrupted = jnp.roll(tokens, 1, axis=1)
+    answer, wrong, rows = tokens[:, -1], corrupted[:, -1], jnp.arange(BATCH)
+    result = patching.patch_resid(model, tokens, corrupted, answer, wrong, group_size=1)
+    _, corrupted_cache = model.run_with_cache(corrupted, record=("resid_pre",))
+    layer, position = 1, 4
+    resid = corrupted_cache["resid_pre"][layer].at[:, position].set(cache["resid_pre"][layer][:, position])
+    stream = model.embed(corrupted).replace(resid=resid)  # the model's stream settings: alpha included
+    for index in range(layer, model.cfg.n_layers):
+        stream = model.layer(index)(stream, model.rope(SEQ))
+    logits = model.unembed(stream.read())[0]
+    expected = jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
+    assert abs(float(result.logit_diff[layer, position]) - float(expected)) < 1e-5

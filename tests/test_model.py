@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY, built, max_rel_err, randomize, roundoff_tolerance
+from conftest import TINY, built, max_rel_err, randomize, reference_inputs, roundoff_tolerance
 from reference import reference_logits
-from resstream import ModelConfig, TokenError, Transformer
+from resstream import ConfigError, ModelConfig, TokenError, Transformer
+from resstream.config import base_config
 
 
 def test_forward_matches_independent_numpy_implementation(arch):
     model, tokens, logits, _ = built(**arch)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    expected = reference_logits(params, model.cfg, np.asarray(tokens))
+    expected = reference_logits(*reference_inputs(model), np.asarray(tokens))
     assert max_rel_err(logits, expected) < 1e-5
 
 
@@ -176,3 +176,59 @@ def test_gradients_reach_every_parameter_through_the_compiled_scan():
     slope = (loss(moved) - loss(state)) / step
     expected = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True))
     assert abs(float(slope) - float(expected)) < 0.05 * abs(float(expected))
+
+
+def test_deepnorm_stream_is_the_norm_of_alpha_times_the_stream_plus_the_write():
+    """Layer 0 by hand in float64, from the weights and the cache: attention's norm gives
+    ln1(alpha * x + attn_out), the MLP's gives ln2(alpha * resid_mid + mlp_out), the stream entering layer 1."""
+    cfg = ModelConfig(**{**TINY, "n_layers": 2, "norm_placement": "post", "deepnorm": True})
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    _, cache = model.run_with_cache(tokens, record=("resid_pre", "resid_mid"))
+    c = {name: np.asarray(x, np.float64) for name, x in cache.items()}
+    alpha = 4**0.25
+    assert cfg.residual_scale == pytest.approx(alpha)
+
+    def norm(x, name):  # layer 0's LayerNorm `name`
+        w, b = (np.asarray(p[0], np.float64) for p in (getattr(model.blocks, name).w, getattr(model.blocks, name).b))
+        x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * w + b
+
+    np.testing.assert_allclose(c["resid_pre"][0], c["embed"] + c["pos_embed"])
+    assert max_rel_err(c["resid_mid"][0], norm(alpha * c["resid_pre"][0] + c["attn_out"][0], "ln1")) < 1e-5
+    assert max_rel_err(c["resid_pre"][1], norm(alpha * c["resid_mid"][0] + c["mlp_out"][0], "ln2")) < 1e-5
+    assert max_rel_err(c["resid_pre"][1], norm(c["resid_mid"][0] + c["mlp_out"][0], "ln2")) > 1e-2  # alpha matters
+
+
+def test_deepnorm_init_scales_the_value_path_by_beta():
+    """W_V, W_O, W_in, W_gate, W_out drawn with std init_std * beta; W_Q, W_K with init_std. At 8 layers
+    beta = 64^(-1/4) ~ 0.354, far (by 10%) from both 1 and GPT-2's 1 / sqrt(16) = 0.25 for W_O, W_out; with
+    32k+ samples a sample std is within 0.5% of the true one."""
+    kw = {**TINY, "n_layers": 8, "d_model": 64, "mlp": "swiglu", "norm_placement": "post"}
+    cfg = ModelConfig(**kw, deepnorm=True)
+    assert cfg.deepnorm_beta == pytest.approx(64**-0.25)
+    blocks = Transformer(cfg, rngs=nnx.Rngs(0)).blocks
+    init = cfg.init_std
+    expected = {"W_Q": init, "W_K": init, "W_V": init * cfg.deepnorm_beta, "W_O": init * cfg.deepnorm_beta}
+    expected |= {name: init * cfg.deepnorm_beta for name in ("W_in", "W_gate", "W_out")}
+    for name, std in expected.items():
+        weight = getattr(blocks.attn if name in ("W_Q", "W_K", "W_V", "W_O") else blocks.mlp, name)
+        assert weight.size >= 32_768
+        assert abs(float(np.std(weight[...])) / std - 1) < 0.1, name
+    plain = Transformer(ModelConfig(**kw), rngs=nnx.Rngs(0)).blocks  # GPT-2's scaled init without DeepNorm
+    assert abs(float(np.std(plain.attn.W_O[...])) / (init / 4) - 1) < 0.1
+    assert abs(float(np.std(plain.attn.W_V[...])) / init - 1) < 0.1
+
+
+def test_deepnorm_needs_a_post_ln_residual_model_and_old_configs_load_without_it():
+    fix = "set norm_placement='post' and residual=True, or deepnorm=False"
+    with pytest.raises(ConfigError, match=fix):
+        ModelConfig(deepnorm=True)  # pre-LN
+    with pytest.raises(ConfigError, match=fix):
+        ModelConfig(norm_placement="post", residual=False, deepnorm=True)
+    old = ModelConfig(norm_placement="post").to_dict()
+    del old["deepnorm"]  # a model config saved before the field existed
+    assert ModelConfig.from_dict(old) == ModelConfig(norm_placement="post")
+    assert base_config().model.deepnorm is False
+    assert ModelConfig(norm_placement="post", deepnorm=True).residual_scale == pytest.approx(8**0.25)
+    assert ModelConfig(norm_placement="post").residual_scale == 1.0

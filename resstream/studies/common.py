@@ -1,0 +1,296 @@
+"""What every study shares: its config, the models it trains (kept in a pool of runs keyed by their
+config, so a study run twice, or two studies that need the same model, train it once), and the files
+it writes: results.json, results.csv, a PNG and report.md.
+
+A study module defines NAME, CLAIM, REFERENCE, `get_config() -> ConfigDict` and
+`measure(config, pool) -> Findings`; `run_study` does the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from ml_collections import ConfigDict
+
+from resstream.config import base_config
+from resstream.study_report import write_table
+
+# Fields that change how a run is shown, not what it computes: left out of the run's key.
+_PRESENTATION = (("run_dir",), ("train", "progress"), ("train", "tensorboard"), ("train", "log_every"))
+
+
+def study_config(**study: Any) -> ConfigDict:
+    """A study's config: where it writes (`out_dir`), where trained models are kept (`pool_dir`),
+    the seeds, `base` (the run config every model starts from: a small byte-level model on the
+    standard-library corpus), and the study's own fields."""
+    base = base_config()
+    base.model.update(vocab_size=256, n_layers=8, d_model=64, n_heads=4, n_ctx=64)
+    base.optimizer.update(learning_rate=2e-3, warmup_steps=50)
+    base.train.update(
+        steps=600, batch_size=16, log_every=10, eval_every=600, eval_batches=8, checkpoint_every=600, keep_last=1,
+        tensorboard=False, telemetry=False, sample_tokens=0,
+    )  # fmt: skip
+    return ConfigDict({"out_dir": "", "pool_dir": "runs/studies/runs", "seeds": (0,), "base": base, **study})
+
+
+@dataclasses.dataclass
+class Trained:
+    """A model a study trained (or found already trained): its run directory, run config and
+    summary. `diverged` holds loop.run's DivergenceError message when the run stopped on a
+    non-finite loss (its checkpoints hold the last finite step)."""
+
+    label: str
+    run_dir: Path
+    config: ConfigDict
+    summary: dict[str, Any]
+
+    @property
+    def diverged(self) -> str | None:
+        return self.summary.get("diverged")
+
+    def log(self) -> list[dict[str, Any]]:
+        """The run's metrics.jsonl records."""
+        from resstream.telemetry import read_log
+
+        return read_log(self.run_dir)
+
+    def train_loss(self, last: int = 5) -> float:
+        """Mean training loss of the last `last` logged steps (NaN when the run diverged)."""
+        if self.diverged:
+            return math.nan
+        losses = [r["loss"] for r in self.log() if "loss" in r]
+        return float(np.mean(losses[-last:]))
+
+    @property
+    def val_loss(self) -> float:
+        """Validation loss at the end of training (NaN when the run diverged)."""
+        return math.nan if self.diverged else float(self.summary["val_loss"])
+
+    def model(self, step: int | None = None) -> Any:
+        """The trained model (at checkpoint `step`, default the latest)."""
+        from resstream.runs import load_run
+
+        return load_run(self.run_dir, step)[0]
+
+
+class Pool:
+    """Trains the models a study asks for, each in `pool_dir/LAYERSxWIDTH-KEY` where KEY is a hash
+    of its run config: the same config is trained once (whichever study asks for it, under whatever
+    label), and an interrupted run resumes."""
+
+    def __init__(self, config: ConfigDict):
+        self.base = config.base
+        self.dir = Path(config.pool_dir)
+        self.trained: list[Trained] = []
+
+    def run_config(self, **changes: dict[str, Any]) -> ConfigDict:
+        """The base run config with `changes` ({section: {field: value}}) applied."""
+        config = copy.deepcopy(self.base)
+        config.unlock()
+        for section, values in changes.items():
+            config[section].update(values)
+        return config
+
+    def train(self, label: str, **changes: dict[str, Any]) -> Trained:
+        """Train (or reuse) the model of the base config with `changes` applied."""
+        from resstream.loop import DivergenceError, run
+
+        config = self.run_config(**changes)
+        run_dir = self.dir / f"{config.model.n_layers}x{config.model.d_model}-{config_key(config)}"
+        config.run_dir = str(run_dir)
+        done = run_dir / "summary.json"
+        diverged = run_dir / "diverged.json"
+        print(f"[{len(self.trained) + 1}] {label}: {run_dir}", flush=True)
+        if diverged.exists():
+            summary = json.loads(diverged.read_text())
+        elif done.exists() and json.loads(done.read_text()).get("status") == "completed":
+            summary = json.loads(done.read_text())
+            print("    already trained: reused", flush=True)
+        else:
+            try:
+                summary = run(config, run_dir, report=False)
+            except DivergenceError as err:
+                summary = {"status": "diverged", "diverged": str(err)}
+                diverged.write_text(json.dumps(summary, indent=2))
+                print(f"    diverged: {err}", flush=True)
+        trained = Trained(label, run_dir, config, summary)
+        self.trained.append(trained)
+        return trained
+
+
+def config_key(config: ConfigDict) -> str:
+    """A short hash of what a run computes (its config without the presentation fields)."""
+    values = config.to_dict()
+    for path in _PRESENTATION:
+        node = values
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def unigram_loss(config: ConfigDict) -> float:
+    """Validation loss (nats/token) of predicting every token by its frequency in the training
+    split: what a model that learned nothing about context reaches. A reference line."""
+    from resstream.data import split_tokens
+
+    train, val = split_tokens(config, "train"), split_tokens(config, "validation")
+    counts = np.bincount(train, minlength=config.model.vocab_size).astype(np.float64) + 1.0  # add-one: no log 0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[val].mean())
+
+
+@dataclasses.dataclass
+class Findings:
+    """What a study measured.
+
+    rows: one dict per measurement (results.csv / results.json);
+    table: the report's summary table (rows of equal keys, markdown-formatted);
+    figure: the figure (saved as NAME.png);
+    measured: a paragraph on what was measured; verdict: "held", "partly held" or "did not hold";
+    why: the numbers the verdict rests on; extra: anything else for results.json."""
+
+    rows: list[dict[str, Any]]
+    table: list[dict[str, Any]]
+    figure: Figure
+    measured: str
+    verdict: str
+    why: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run_study(module: ModuleType, config: ConfigDict, command: str) -> Path:
+    """Measure `module`'s study with `config` and write its files to config.out_dir (default
+    runs/studies/NAME); returns that directory."""
+    out = Path(config.out_dir or f"runs/studies/{module.NAME}")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    pool = Pool(config)
+    findings = module.measure(config, pool)
+    minutes = (time.perf_counter() - start) / 60
+    figure_name = f"{module.NAME}.png"
+    findings.figure.savefig(out / figure_name, dpi=110)
+    meta = {
+        "study": module.NAME,
+        "claim": module.CLAIM,
+        "verdict": findings.verdict,
+        "why": findings.why,
+        "command": command,
+        "minutes": minutes,
+        "runs": {t.label: str(t.run_dir) for t in pool.trained},
+        "config": config.to_dict(),
+        **findings.extra,
+    }
+    write_table(_same_keys(findings.rows), out / "results", meta)
+    (out / "report.md").write_text(_report(module, config, findings, command, minutes, figure_name, pool))
+    print(f"\n{module.NAME}: {findings.verdict}. {findings.why}\nwrote {out}/")
+    return out
+
+
+def _report(
+    module: ModuleType, config: ConfigDict, f: Findings, command: str, minutes: float, figure: str, pool: Pool
+) -> str:
+    m, t = config.base.model, config.base.train
+    setup = (
+        f"Models: byte-level, d_model {m.d_model}, {m.n_heads} heads, context {m.n_ctx}, trained {t.steps} steps "
+        f"of {t.batch_size} sequences (learning rate {config.base.optimizer.learning_rate}, warmup "
+        f"{config.base.optimizer.warmup_steps} steps) on `{config.base.data.source}`, seeds {list(config.seeds)}, "
+        "unless the table says otherwise."
+    )
+    return "\n".join(
+        [
+            f"# Study: {module.NAME}",
+            "",
+            f"**Claim.** {module.CLAIM}",
+            "",
+            f"**Reference result.** {module.REFERENCE}",
+            "",
+            f"**Command.** `{command}` ({minutes:.1f} min here, {len(pool.trained)} trained models, "
+            f"kept in `{config.pool_dir}`).",
+            "",
+            setup,
+            "",
+            "## Measured",
+            "",
+            f.measured,
+            "",
+            markdown_table(f.table),
+            "",
+            f"![{module.NAME}]({figure})",
+            "",
+            f"## Verdict: {f.verdict}",
+            "",
+            f.why,
+            "",
+            "Every number: `results.json` / `results.csv` beside this report.",
+            "",
+        ]
+    )
+
+
+def _same_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of different kinds with one set of columns (in order of first appearance; "" where absent)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, "") for k in keys} for r in rows]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as a markdown table; floats with 4 significant digits."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, min and max of per-seed values (NaN ones, from diverged runs, count as diverged)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"mean": float(np.mean(finite)), "min": float(min(finite)), "max": float(max(finite))}
+
+
+def per_seed(pool: Pool, seeds: Sequence[int], label: str, **changes: Any) -> list[tuple[int, Trained]]:
+    """(seed, model) for the model of `changes` trained with each seed."""
+    out = []
+    for seed in seeds:
+        train = {**changes.get("train", {}), "seed": seed}
+        out.append((seed, pool.train(f"{label}-seed{seed}", **{**changes, "train": train})))
+    return out
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of a and b (ties get their mean rank)."""
+
+    def ranks(x: Sequence[float]) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # ties: the mean of their ranks
+            r[x == value] = r[x == value].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
