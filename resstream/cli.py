@@ -250,7 +250,7 @@ def study_main(argv: list[str]) -> None:
 
     if not argv or argv[0] in ("-h", "--help", "--list"):
         lines = [STUDY_USAGE, "", "studies:"]
-        lines += [f"  {name:18} {study_module(name).CLAIM.split('. ')[0]}." for name in STUDIES]
+        lines += [f"  {name:18} {' '.join(study_module(name).__doc__.split())}" for name in STUDIES]
         lines += ["", "--config.FIELD=VALUE overrides a field of the study's config; --help after NAME lists them."]
         print("\n".join(lines))
         return

@@ -9,6 +9,27 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
+def _share_compiled_programs() -> None:
+    """JAX's persistent compilation cache in one directory for the whole test run: the first process
+    to import this file (pytest itself) makes it, and the xdist workers and the subprocess tests it
+    starts inherit it through the environment. Many tests train or analyse models of one shape, so
+    a program compiled by one is loaded by the rest; the key is the program itself, so a hit can only
+    return what compiling again would. A cache the caller chose is kept."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = tempfile.mkdtemp(prefix="resstream-test-compiles-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+_share_compiled_programs()
+
+
 import dataclasses
 import functools
 import itertools

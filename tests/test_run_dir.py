@@ -150,6 +150,19 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_newest_intact_one(corpus_sli
     assert [r["step"] for r in read_log(copy) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_checkpoint_from_before_a_model_field_existed_loads_and_resumes(corpus_slice, finished, copy):
+    """A ModelConfig field added later (deepnorm, say) is absent from older checkpoints: they were
+    made by the model the field's default describes, so they load and resume."""
+    import json
+
+    for meta in (copy / "checkpoints").glob("*/meta/metadata"):
+        saved = json.loads(meta.read_text())
+        del saved["model_config"]["deepnorm"]
+        meta.write_text(json.dumps(saved))
+    assert not load_run(copy)[0].cfg.deepnorm
+    assert run(config(corpus_slice, finished[1], steps=6), copy)["step"] == 6
+
+
 def test_unreadable_checkpoint_data_is_one_clear_error(corpus_slice, finished, copy, capfd):
     for data_file in (copy / "checkpoints" / "4" / "state").rglob("d/*"):
         data_file.write_bytes(b"\0" * 64)
