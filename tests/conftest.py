@@ -9,6 +9,21 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 
+import dataclasses
+import functools
+import itertools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from resstream import ModelConfig, Transformer
+from resstream.config import base_config
+from resstream.data import STDLIB, load_documents
+
+
 def _share_compiled_programs() -> None:
     """JAX's persistent compilation cache in one directory for the whole test run: the first process
     to import this file (pytest itself) makes it, and the xdist workers and the subprocess tests it
@@ -23,26 +38,13 @@ def _share_compiled_programs() -> None:
         return
     directory = tempfile.mkdtemp(prefix="resstream-test-compiles-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for the processes started from this one
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    jax.config.update("jax_compilation_cache_dir", directory)  # this one read the environment already
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 _share_compiled_programs()
-
-
-import dataclasses
-import functools
-import itertools
-from pathlib import Path
-
-import jax
-import numpy as np
-import pytest
-from flax import nnx
-
-from resstream import ModelConfig, Transformer
-from resstream.config import base_config
-from resstream.data import STDLIB, load_documents
 
 
 def xla_env(devices: int | None = None, *, optimised: bool = False) -> dict[str, str]:
