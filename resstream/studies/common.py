@@ -261,6 +261,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def verdict_of(checks: Sequence[bool]) -> str:
+    """ "held" when every part of a claim held, "did not hold" when none did, else "partly held"."""
+    return "held" if all(checks) else "partly held" if any(checks) else "did not hold"
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Mean, min and max of per-seed values (NaN ones, from diverged runs, count as diverged)."""
     finite = [v for v in values if math.isfinite(v)]

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from resstream.studies.common import Findings, Pool, per_seed, spread, study_config, unigram_loss
+from resstream.studies.common import Findings, Pool, per_seed, spread, study_config, unigram_loss, verdict_of
 
 NAME = "degradation"
 CLAIM = (
@@ -94,8 +94,7 @@ def _verdict(rows: list[dict[str, Any]], depths: tuple[int, ...]) -> tuple[str, 
         f"{depths[-1]} layers. Residual: best {np.nanmin(resid):.3f}, {resid[-1]:.3f} at {depths[-1]} layers. "
         f"Seed spread (the largest min-max at one depth, at least 0.02): {noise:.3f} nats."
     )
-    verdict = "held" if plain_worse and resid_ok else "partly held" if plain_worse or resid_ok else "did not hold"
-    return verdict, why
+    return verdict_of([plain_worse, resid_ok]), why
 
 
 def _figure(rows: list[dict[str, Any]], config: ConfigDict, unigram: float) -> Figure:

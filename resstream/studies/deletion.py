@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from resstream.ablation import ablate, deletion_curve
 from resstream.data import eval_batches, split_tokens
-from resstream.studies.common import Findings, Pool, rank_correlation, study_config
+from resstream.studies.common import Findings, Pool, rank_correlation, study_config, verdict_of
 
 NAME = "deletion"
 CLAIM = (
@@ -152,8 +152,7 @@ def _verdict(summary: list[dict[str, Any]]) -> tuple[str, str]:
         f"model's ({'yes' if smooth else 'no'}), the first layer > 2x the others ({'yes' if first_matters else 'no'}), "
         f"rank correlation > 0.5 ({'yes' if predicts else 'no'})."
     )
-    held = [smooth, first_matters, predicts]
-    return ("held" if all(held) else "partly held" if any(held) else "did not hold"), why
+    return verdict_of([smooth, first_matters, predicts]), why
 
 
 def _figure(rows: list[dict[str, Any]], curves: dict, config: ConfigDict) -> Figure:
@@ -165,9 +164,9 @@ def _figure(rows: list[dict[str, Any]], curves: dict, config: ConfigDict) -> Fig
             continue
         base = float(curve.baseline)
         by_k = curve.by_k()
-        ax_curve.plot(list(by_k), [v.mean() - base for v in by_k.values()], marker="o", label=variant)
+        (line,) = ax_curve.plot(list(by_k), [v.mean() - base for v in by_k.values()], marker="o", label=variant)
         for k, v in by_k.items():
-            ax_curve.scatter([k] * len(v), v - base, s=6, alpha=0.3)
+            ax_curve.scatter([k] * len(v), v - base, s=6, alpha=0.3, color=line.get_color())
     ax_curve.set(xlabel="layers deleted", ylabel="loss change (nats)", title="random deletions (dots: draws)")
     ax_curve.legend()
     singles = [r for r in rows if r["kind"] == "block" and r["n"] == 1 and r["seed"] == seed]
@@ -181,8 +180,9 @@ def _figure(rows: list[dict[str, Any]], curves: dict, config: ConfigDict) -> Fig
     for r in resid:
         ax_score.annotate(f"L{r['start']}", (r["block_influence"], r["delta"]), fontsize="small")
     ax_score.set(
-        xlabel="Block Influence 1 - cos(x_l, x_l+1)", ylabel="loss change when deleted (nats)",
+        xlabel="Block Influence 1 - cos(x_l, x_l+1)", ylabel="loss change when deleted (nats)", xscale="log",
         title="residual model: score against cost",
     )  # fmt: skip
+    ax_score.set_yscale("symlog", linthresh=1e-2)  # a deletion can lower the loss a little
     fig.tight_layout()
     return fig

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from resstream.studies.common import Findings, Pool, study_config, unigram_loss
+from resstream.studies.common import Findings, Pool, study_config, unigram_loss, verdict_of
 
 NAME = "depth"
 CLAIM = (
@@ -95,8 +95,7 @@ def _verdict(table: list[dict[str, Any]], unigram: float, margin: float) -> tupl
         + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items())
         + "."
     )
-    held = list(checks.values())
-    return ("held" if all(held) else "partly held" if any(held) else "did not hold"), why
+    return verdict_of(list(checks.values())), why
 
 
 def _figure(curves: dict[str, list], unigram: float, n_layers: int) -> Figure:

@@ -5,6 +5,7 @@ toward the output (Xiong et al. 2020)."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from ml_collections import ConfigDict
 from resstream.data import eval_batches, split_tokens
 from resstream.losses import cross_entropy
 from resstream.model import Transformer
-from resstream.studies.common import Findings, Pool, Trained, rank_correlation, study_config
+from resstream.studies.common import Findings, Pool, Trained, rank_correlation, study_config, verdict_of
 from resstream.train import layer_norms
 
 NAME = "gradient-highway"
@@ -147,11 +148,18 @@ def _table(rows: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
             stream = [r["stream_grad_norm"] for r in mine]
             params = [r["param_grad_norm"] for r in mine[:n_layers]]
             table.append(
-                {"variant": variant, "step": step, "loss": mine[0]["loss"], "stream first/last": stream[0] / stream[-1],
-                 "params last/first": params[-1] / params[0], "params max/min": max(params) / min(params),
+                {"variant": variant, "step": step, "loss": mine[0]["loss"],
+                 "stream first/last": _ratio(stream[0], stream[-1]),
+                 "params last/first": _ratio(params[-1], params[0]),
+                 "params max/min": _ratio(max(params), min(params)),
                  "params trend": rank_correlation(range(n_layers), params)}
             )  # fmt: skip
     return table
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, infinite where a gradient vanished to exactly 0 in float32 (NaN if both did)."""
+    return a / b if b else (math.inf if a else math.nan)
 
 
 def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
@@ -173,7 +181,7 @@ def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
         + f"pre-LN's {pre['params last/first']:.3g}, trend with depth {post['params trend']:+.2f} (grows toward "
         + f"the output: {'yes' if grows else 'no'})."
     )
-    return ("held" if all(held) else "partly held" if any(held) else "did not hold"), why
+    return verdict_of(held), why
 
 
 def _figure(rows: list[dict[str, Any]], logs: dict, n_layers: int, steps: int) -> Figure:

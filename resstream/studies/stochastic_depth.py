@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from resstream.ablation import deletion_curve
 from resstream.data import eval_batches, split_tokens
-from resstream.studies.common import Findings, Pool, spread, study_config
+from resstream.studies.common import Findings, Pool, spread, study_config, verdict_of
 
 NAME = "stochastic-depth"
 CLAIM = (
@@ -48,9 +48,13 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             rows += [{"variant": variant, "seed": seed, "val_loss": trained.val_loss, **r} for r in curve.rows()]
             by_k = {k: float(v.mean()) - base_loss for k, v in curve.by_k().items()}
             n = max(by_k)
+            later = [
+                float(x) - base_loss for d, x in zip(curve.deleted, curve.loss, strict=True) if len(d) == 1 and d[0]
+            ]
             table.append(
                 {"stochastic depth": variant, "seed": seed, "val loss": trained.val_loss, "1 deleted": by_k[1],
-                 f"{n // 2} deleted": by_k[n // 2], f"{n} deleted": by_k[n]}
+                 "1 deleted, not layer 0": float(np.mean(later)), f"{n // 2} deleted": by_k[n // 2],
+                 f"{n} deleted": by_k[n]}
             )  # fmt: skip
     verdict, why = _verdict(table)
     return Findings(
@@ -63,8 +67,9 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             f"at layer 0 to {config.drop_last} at the last layer; survivors scaled by 1/(1 - p) in training, the "
             "inverted form, so nothing is rescaled at test time), seeds "
             f"{list(config.seeds)}; and the mean loss change on {tokens.shape[0]} validation sequences when k "
-            f"random layers are deleted ({config.draws} draws per k). Huang et al. drop layer l (1-based) with "
-            "probability (l/L)(1 - p_L); here layer 0 is never dropped, the last with p = 1 - p_L."
+            f"random layers are deleted ({config.draws} draws per k; every layer once for k = 1). Huang et al. "
+            "drop layer l (1-based) with probability (l/L)(1 - p_L); here layer 0 is never dropped, the last "
+            "with p = 1 - p_L."
         ),
         verdict=verdict,
         why=why,
@@ -76,6 +81,10 @@ def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
         return spread([r[key] for r in table if r["stochastic depth"] == variant])
 
     half = [k for k in table[0] if k.endswith("deleted")][1]
+    later_with, later_without = (
+        stat("with", "1 deleted, not layer 0")["mean"],
+        stat("without", "1 deleted, not layer 0")["mean"],
+    )
     loss_with, loss_without = stat("with", "val loss"), stat("without", "val loss")
     one_with, one_without = stat("with", "1 deleted")["mean"], stat("without", "1 deleted")["mean"]
     half_with, half_without = stat("with", half)["mean"], stat("without", half)["mean"]
@@ -84,12 +93,13 @@ def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
     cheap = loss_with["mean"] - loss_without["mean"] <= max(0.05, noise)
     why = (
         f"Deleting {half.split()[0]} random layers costs {half_with:.3f} nats with stochastic depth against "
-        f"{half_without:.3f} without (1 layer: {one_with:.3f} against {one_without:.3f}); validation loss "
+        f"{half_without:.3f} without (1 layer: {one_with:.3f} against {one_without:.3f}; 1 layer other than layer 0, "
+        f"which is never dropped in training: {later_with:.3f} against {later_without:.3f}); validation loss "
         f"{loss_with['mean']:.3f} with against {loss_without['mean']:.3f} without (seed spread {noise:.3f}). "
         f"Counted as held: the half-deletion cost at most half ({'yes' if robust else 'no'}), and the loss within "
         f"max(0.05, seed spread) of the model without it ({'yes' if cheap else 'no'})."
     )
-    return ("held" if robust and cheap else "partly held" if robust or cheap else "did not hold"), why
+    return verdict_of([robust, cheap]), why
 
 
 def _figure(curves: dict) -> Figure:

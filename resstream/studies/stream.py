@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from resstream import analysis
 from resstream.data import ByteTokenizer
 from resstream.stream import token_norm
-from resstream.studies.common import Findings, Pool, study_config
+from resstream.studies.common import Findings, Pool, study_config, verdict_of
 
 NAME = "stream"
 CLAIM = (
@@ -141,8 +141,7 @@ def _verdict(lens_loss, labels, ratio, exact_error: float, n_layers: int) -> tup
         f"60% or more of the sublayers ({'yes' if builds_up else 'no'}), the median write smaller than the "
         f"stream ({'yes' if small else 'no'}), the sum exact to 1e-4 ({'yes' if exact else 'no'})."
     )
-    held = [builds_up, small, exact]
-    return ("held" if all(held) else "partly held" if any(held) else "did not hold"), why
+    return verdict_of([builds_up, small, exact]), why
 
 
 def _figure(labels, per_prompt, lens_loss, ratio, dla) -> Figure:

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from resstream.studies.common import Findings, Pool, per_seed, spread, study_config, unigram_loss
+from resstream.studies.common import Findings, Pool, per_seed, spread, study_config, unigram_loss, verdict_of
 
 NAME = "warmup"
 CLAIM = (
@@ -103,8 +103,7 @@ def _verdict(table: list[dict[str, Any]], margin: float) -> tuple[str, str]:
         f"Post-LN: {fmt(post)}. Pre-LN: {fmt(pre)}. A cost above {margin} nats counts as needing warmup: "
         f"post-LN {'does' if post_needs else 'does not'}, pre-LN {'does not' if pre_does_not else 'does'}."
     )
-    verdict = "held" if post_needs and pre_does_not else "partly held" if post_needs or pre_does_not else "did not hold"
-    return verdict, why
+    return verdict_of([post_needs, pre_does_not]), why
 
 
 def _figure(rows: list[dict[str, Any]], config: ConfigDict, unigram: float) -> Figure:
