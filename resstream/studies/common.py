@@ -65,12 +65,19 @@ class Trained:
 
         return read_log(self.run_dir)
 
-    def train_loss(self, last: int = 5) -> float:
-        """Mean training loss of the last `last` logged steps (NaN when the run diverged)."""
+    def train_loss(self) -> float:
+        """Loss of the trained model on the first train.eval_batches batches of the training split
+        (the same batches for every model, so models and seeds compare without batch noise); NaN
+        when the run diverged."""
         if self.diverged:
             return math.nan
-        losses = [r["loss"] for r in self.log() if "loss" in r]
-        return float(np.mean(losses[-last:]))
+        from resstream.data import eval_batches, split_tokens
+        from resstream.losses import cross_entropy
+
+        model, tc = self.model(), self.config.train
+        tokens = split_tokens(self.config, "train")
+        batches = eval_batches(tokens, self.config.model.n_ctx, tc.batch_size, tc.eval_batches)
+        return float(np.mean([float(cross_entropy(model(b[:, :-1]), b[:, 1:])) for b in batches]))
 
     @property
     def val_loss(self) -> float:

@@ -50,7 +50,8 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
         table=table,
         figure=_figure(rows, config, unigram),
         measured=(
-            f"Final training loss (mean of the last 5 logged steps) and validation loss, in nats per byte, of "
+            f"Training loss (on the same {config.base.train.eval_batches} training batches for every model) and "
+            f"validation loss, in nats per byte, of "
             f"pre-LN models of {list(config.depths)} layers with and without residual connections, each trained "
             f"{config.base.train.steps} steps, seeds {list(config.seeds)} (mean, and min-max over seeds). "
             f"A model that predicts bytes by their frequency alone scores {unigram:.3f}."

@@ -33,10 +33,10 @@ VARIANTS = {
 
 
 def get_config() -> ConfigDict:
-    config = study_config(margin=0.3)
+    config = study_config(margin=0.1)
     config.base.model.update(n_layers=1000, d_model=16, n_heads=2, n_ctx=16)
-    config.base.optimizer.update(learning_rate=1e-3, warmup_steps=20)
-    config.base.train.update(steps=120, batch_size=8, log_every=5, eval_every=120, eval_batches=4, checkpoint_every=120)
+    config.base.optimizer.update(learning_rate=3e-3, warmup_steps=20)
+    config.base.train.update(steps=200, batch_size=8, log_every=5, eval_every=200, eval_batches=4, checkpoint_every=200)
     return config
 
 
