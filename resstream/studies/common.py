@@ -54,6 +54,7 @@ class Trained:
     run_dir: Path
     config: ConfigDict
     summary: dict[str, Any]
+    reused: bool = False  # found trained in the pool, not trained by this call
 
     @property
     def diverged(self) -> str | None:
@@ -119,19 +120,21 @@ class Pool:
         done = run_dir / "summary.json"
         diverged = run_dir / "diverged.json"
         print(f"[{len(self.trained) + 1}] {label}: {run_dir}", flush=True)
+        reused = True
         if diverged.exists():
             summary = json.loads(diverged.read_text())
         elif done.exists() and json.loads(done.read_text()).get("status") == "completed":
             summary = json.loads(done.read_text())
             print("    already trained: reused", flush=True)
         else:
+            reused = False
             try:
                 summary = run(config, run_dir, report=False)
             except DivergenceError as err:
                 summary = {"status": "diverged", "diverged": str(err)}
                 diverged.write_text(json.dumps(summary, indent=2))
                 print(f"    diverged: {err}", flush=True)
-        trained = Trained(label, run_dir, config, summary)
+        trained = Trained(label, run_dir, config, summary, reused)
         self.trained.append(trained)
         return trained
 
@@ -196,6 +199,7 @@ def run_study(module: ModuleType, config: ConfigDict, command: str) -> Path:
         "command": command,
         "minutes": minutes,
         "runs": {t.label: str(t.run_dir) for t in pool.trained},
+        "reused": [t.label for t in pool.trained if t.reused],
         "config": config.to_dict(),
         **findings.extra,
     }
@@ -223,8 +227,8 @@ def _report(
             "",
             f"**Reference result.** {module.REFERENCE}",
             "",
-            f"**Command.** `{command}` ({minutes:.1f} min here, {len(pool.trained)} trained models, "
-            f"kept in `{config.pool_dir}`).",
+            f"**Command.** `{command}` ({minutes:.1f} min here; {len(pool.trained)} models, "
+            f"{sum(t.reused for t in pool.trained)} of them found already trained in `{config.pool_dir}`).",
             "",
             setup,
             "",
