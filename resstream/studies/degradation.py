@@ -84,16 +84,24 @@ def _verdict(rows: list[dict[str, Any]], depths: tuple[int, ...]) -> tuple[str, 
         for v in VARIANTS
         for d in depths
     }
-    noise = max([s["max"] - s["min"] for s in stats.values() if math.isfinite(s["mean"])] + [0.02])
+
+    def noise(variant: str) -> float:
+        """The variant's seed spread: its largest min-max at one depth (at least 0.02 nats)."""
+        return max(
+            [stats[variant, d]["max"] - stats[variant, d]["min"] for d in depths if stats[variant, d]["mean"] > 0]
+            + [0.02]
+        )
+
     plain = [stats["plain", d]["mean"] for d in depths]
     resid = [stats["residual", d]["mean"] for d in depths]
     best_plain = int(np.nanargmin(plain))
-    plain_worse = not math.isfinite(plain[-1]) or plain[-1] - plain[best_plain] > noise
-    resid_ok = math.isfinite(resid[-1]) and resid[-1] - np.nanmin(resid) <= noise
+    plain_worse = not math.isfinite(plain[-1]) or plain[-1] - plain[best_plain] > noise("plain")
+    resid_ok = math.isfinite(resid[-1]) and resid[-1] - np.nanmin(resid) <= noise("residual")
     why = (
         f"Plain: training loss {plain[best_plain]:.3f} at its best depth ({depths[best_plain]}), {plain[-1]:.3f} at "
-        f"{depths[-1]} layers. Residual: best {np.nanmin(resid):.3f}, {resid[-1]:.3f} at {depths[-1]} layers. "
-        f"Seed spread (the largest min-max at one depth, at least 0.02): {noise:.3f} nats."
+        f"{depths[-1]} layers (seed spread {noise('plain'):.3f}). Residual: best {np.nanmin(resid):.3f}, "
+        f"{resid[-1]:.3f} at {depths[-1]} layers (seed spread {noise('residual'):.3f}). A rise beyond the "
+        "variant's seed spread (its largest min-max at one depth, at least 0.02 nats) counts as getting worse."
     )
     return verdict_of([plain_worse, resid_ok]), why
 
