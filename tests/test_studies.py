@@ -127,3 +127,37 @@ def test_a_bad_study_command_is_one_error_line(argv, message, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [{"residual": False}, {"norm_placement": "post", "deepnorm": True}],
+    ids=["plain", "deepnorm"],
+)
+def test_gradient_norms_are_the_models_own_gradients(arch):
+    """gradient-highway's forward pass with stream offsets is the model's: the same loss, the same
+    parameter gradients; and its gradient at the final stream is the unembedding's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from resstream import ModelConfig, Transformer
+    from resstream.losses import cross_entropy
+    from resstream.studies.gradient_highway import gradient_norms
+    from resstream.train import layer_norms
+
+    model = Transformer(ModelConfig(n_layers=3, d_model=16, n_heads=2, n_ctx=8, **arch), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, model.cfg.vocab_size)
+    norms = gradient_norms(state, tokens, graphdef=graphdef)
+
+    def loss(state):
+        return cross_entropy(nnx.merge(graphdef, state)(tokens[:, :-1]), tokens[:, 1:])
+
+    value, grads = jax.value_and_grad(loss)(state)
+    np.testing.assert_allclose(norms["loss"], value, rtol=1e-6)
+    np.testing.assert_allclose(norms["params"], layer_norms(grads["blocks"], 3), rtol=1e-5)
+    _, cache = model.run_with_cache(tokens[:, :-1])
+    final = jax.grad(lambda x: cross_entropy(model.unembed(x)[0], tokens[:, 1:]))(cache["resid_final"])
+    np.testing.assert_allclose(norms["stream"][-1], jnp.sqrt(jnp.sum(final**2)), rtol=1e-5)
