@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     from resstream.data import DataError
     from resstream.interventions import AblationError
     from resstream.model import TokenError
+    from resstream.studies.common import StudyError
 
     argv = sys.argv[1:] if argv is None else argv
     commands = {"sample": sample_main, "ablate": ablate_main, "study": study_main}
@@ -330,6 +331,6 @@ def main(argv: list[str] | None = None) -> None:
     show_notes()
     try:
         commands[argv[0]](argv[1:])
-    except (AblationError, CheckpointError, ConfigError, DataError, TokenError, UsageError) as err:
+    except (AblationError, CheckpointError, ConfigError, DataError, StudyError, TokenError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

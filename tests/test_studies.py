@@ -61,10 +61,15 @@ FINITE = {
 }
 
 
+# One xdist worker runs every test here (pyproject: --dist loadgroup), so the module's pool is
+# shared by all the studies.
+pytestmark = pytest.mark.xdist_group("studies")
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    """One pool of trained models for the module (per xdist worker): studies that need the same
-    micro model train it once, as they do at full size."""
+    """One pool of trained models for the module: studies that need the same micro model (the
+    residual and plain 2-layer models serve four of them) train it once, as they do at full size."""
     return tmp_path_factory.mktemp("pool")
 
 
@@ -161,3 +166,21 @@ def test_gradient_norms_are_the_models_own_gradients(arch):
     _, cache = model.run_with_cache(tokens[:, :-1])
     final = jax.grad(lambda x: cross_entropy(model.unembed(x)[0], tokens[:, 1:]))(cache["resid_final"])
     np.testing.assert_allclose(norms["stream"][-1], jnp.sqrt(jnp.sum(final**2)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_study_whose_model_diverged_still_reports(tmp_path, corpus_slice, corrupt_batch, capsys):
+    """The residual model diverges at its first step (a corrupted batch): the deletion study still
+    writes its report, with that model's row empty, and a 1-layer plain model is measured."""
+    corrupt_batch(0)
+    args = ["study", "deletion", *MICRO, *STUDY_MICRO["deletion"], "--config.base.model.n_layers=1",
+            f"--config.base.data.source={corpus_slice}", f"--config.base.data.cache_dir={tmp_path / 'cache'}",
+            f"--config.pool_dir={tmp_path / 'pool'}", f"--config.out_dir={tmp_path / 'out'}"]  # fmt: skip
+    main(args)
+    assert "diverged" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["variant"] for r in results["rows"]} == {"plain"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| residual | 0 | nan |" in report and "| plain | 0 |" in report
+    main(args)  # the diverged run is found, not trained again
+    assert "diverged when it was trained" in capsys.readouterr().out

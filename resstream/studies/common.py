@@ -26,8 +26,18 @@ from ml_collections import ConfigDict
 from resstream.config import base_config
 from resstream.study_report import write_table
 
-# Fields that change how a run is shown, not what it computes: left out of the run's key.
-_PRESENTATION = (("run_dir",), ("train", "progress"), ("train", "tensorboard"), ("train", "log_every"))
+# Fields that change where a run is kept or how it is shown, not what it computes: left out of its key.
+_NOT_KEYED = (
+    ("run_dir",), ("mesh",), ("data", "cache_dir"), ("train", "progress"), ("train", "tensorboard"),
+    ("train", "resume_intact"),
+)  # fmt: skip
+# Part of every run's key: raise it when a change to the model or the training makes older pool
+# runs stale, so that they are trained again rather than silently reused.
+POOL_VERSION = 1
+
+
+class StudyError(RuntimeError):
+    """A study that cannot go on (a run stopped by a signal, a model it needs diverged)."""
 
 
 def study_config(**study: Any) -> ConfigDict:
@@ -83,7 +93,8 @@ class Trained:
     @property
     def val_loss(self) -> float:
         """Validation loss at the end of training (NaN when the run diverged)."""
-        return math.nan if self.diverged else float(self.summary["val_loss"])
+        value = None if self.diverged else self.summary.get("val_loss")
+        return math.nan if value is None else float(value)
 
     def model(self, step: int | None = None) -> Any:
         """The trained model (at checkpoint `step`, default the latest)."""
@@ -123,6 +134,7 @@ class Pool:
         reused = True
         if diverged.exists():
             summary = json.loads(diverged.read_text())
+            print(f"    diverged when it was trained (delete {run_dir} to train it again)", flush=True)
         elif done.exists() and json.loads(done.read_text()).get("status") == "completed":
             summary = json.loads(done.read_text())
             print("    already trained: reused", flush=True)
@@ -130,6 +142,8 @@ class Pool:
             reused = False
             try:
                 summary = run(config, run_dir, report=False)
+                if summary["status"] not in ("completed", "already complete"):
+                    raise StudyError(f"{label}: {summary['status']}; run the same command again to resume")
             except DivergenceError as err:
                 summary = {"status": "diverged", "diverged": str(err)}
                 diverged.write_text(json.dumps(summary, indent=2))
@@ -141,8 +155,8 @@ class Pool:
 
 def config_key(config: ConfigDict) -> str:
     """A short hash of what a run computes (its config without the presentation fields)."""
-    values = config.to_dict()
-    for path in _PRESENTATION:
+    values = {**config.to_dict(), "pool_version": POOL_VERSION}
+    for path in _NOT_KEYED:
         node = values
         for key in path[:-1]:
             node = node.get(key, {})
@@ -203,7 +217,7 @@ def run_study(module: ModuleType, config: ConfigDict, command: str) -> Path:
         "config": config.to_dict(),
         **findings.extra,
     }
-    write_table(_same_keys(findings.rows), out / "results", meta)
+    write_table(_json_ready(_same_keys(findings.rows)), out / "results", _json_ready(meta))
     (out / "report.md").write_text(_report(module, config, findings, command, minutes, figure_name, pool))
     print(f"\n{module.NAME}: {findings.verdict}. {findings.why}\nwrote {out}/")
     return out
@@ -250,6 +264,17 @@ def _report(
     )
 
 
+def _json_ready(value: Any) -> Any:
+    """`value` with NaN and infinities as null (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def _same_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of different kinds with one set of columns (in order of first appearance; "" where absent)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -278,11 +303,13 @@ def verdict_of(checks: Sequence[bool]) -> str:
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
-    """Mean, min and max of per-seed values (NaN ones, from diverged runs, count as diverged)."""
+    """Mean, min and max of per-seed values. A NaN (a seed that diverged) makes the mean NaN: a
+    setting where any seed diverged has no mean loss. min and max are over the finite ones."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return {"mean": math.nan, "min": math.nan, "max": math.nan}
-    return {"mean": float(np.mean(finite)), "min": float(min(finite)), "max": float(max(finite))}
+    mean = float(np.mean(finite)) if len(finite) == len(values) else math.nan
+    return {"mean": mean, "min": float(min(finite)), "max": float(max(finite))}
 
 
 def per_seed(pool: Pool, seeds: Sequence[int], label: str, **changes: Any) -> list[tuple[int, Trained]]:
@@ -295,7 +322,9 @@ def per_seed(pool: Pool, seeds: Sequence[int], label: str, **changes: Any) -> li
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation of a and b (ties get their mean rank)."""
+    """Spearman's rank correlation of a and b (ties get their mean rank); NaN if any value is not finite."""
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return math.nan
 
     def ranks(x: Sequence[float]) -> np.ndarray:
         x = np.asarray(x, np.float64)

@@ -44,7 +44,7 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
                 )  # fmt: skip
     unigram = unigram_loss(config.base)
     table = _table(rows, config)
-    verdict, why = _verdict(rows, tuple(config.depths))
+    verdict, why = _verdict(rows, tuple(sorted(config.depths)))
     return Findings(
         rows=rows,
         table=table,
@@ -94,12 +94,12 @@ def _verdict(rows: list[dict[str, Any]], depths: tuple[int, ...]) -> tuple[str, 
 
     plain = [stats["plain", d]["mean"] for d in depths]
     resid = [stats["residual", d]["mean"] for d in depths]
-    best_plain = int(np.nanargmin(plain))
+    best_plain = int(np.nanargmin(plain)) if np.isfinite(plain).any() else 0
     plain_worse = not math.isfinite(plain[-1]) or plain[-1] - plain[best_plain] > noise("plain")
-    resid_ok = math.isfinite(resid[-1]) and resid[-1] - np.nanmin(resid) <= noise("residual")
+    resid_ok = math.isfinite(resid[-1]) and resid[-1] - min(resid) <= noise("residual")
     why = (
         f"Plain: training loss {plain[best_plain]:.3f} at its best depth ({depths[best_plain]}), {plain[-1]:.3f} at "
-        f"{depths[-1]} layers (seed spread {noise('plain'):.3f}). Residual: best {np.nanmin(resid):.3f}, "
+        f"{depths[-1]} layers (seed spread {noise('plain'):.3f}). Residual: best {min(resid):.3f}, "
         f"{resid[-1]:.3f} at {depths[-1]} layers (seed spread {noise('residual'):.3f}). A rise beyond the "
         "variant's seed spread (its largest min-max at one depth, at least 0.02 nats) counts as getting worse."
     )

@@ -44,20 +44,20 @@ def stream_points(model: Any, tokens: jnp.ndarray) -> np.ndarray:
     return np.asarray(points, np.float64).reshape(points.shape[0], -1, points.shape[-1])
 
 
-def mean_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Mean over tokens of cos(x, y) for streams [tokens, d_model] (also angles: see `angular_distance`)."""
+def token_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cos(x, y) of each token [tokens] of streams x, y [tokens, d_model]."""
     cos = np.sum(x * y, -1) / np.maximum(np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1), 1e-30)
     return np.clip(cos, -1.0, 1.0)
 
 
 def block_influence(points: np.ndarray) -> np.ndarray:
     """ShortGPT's BI_l = 1 - mean cos(x_l, x_{l+1}) for each layer, [n_layers]."""
-    return np.array([1.0 - mean_cosine(points[i], points[i + 1]).mean() for i in range(len(points) - 1)])
+    return np.array([1.0 - token_cosines(points[i], points[i + 1]).mean() for i in range(len(points) - 1)])
 
 
 def angular_distance(points: np.ndarray, start: int, n: int) -> float:
     """Gromov et al.'s arccos(cos(x_l, x_{l+n})) / pi, averaged over every token (they take the last)."""
-    return float(np.mean(np.arccos(mean_cosine(points[start], points[start + n])) / math.pi))
+    return float(np.mean(np.arccos(token_cosines(points[start], points[start + n])) / math.pi))
 
 
 def measure(config: ConfigDict, pool: Pool) -> Findings:
@@ -68,7 +68,11 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
     curves, summary = {}, []
     for variant, changes in VARIANTS.items():
         for seed in config.seeds:
-            model = pool.train(f"{variant}-seed{seed}", model=changes, train={"seed": seed}).model()
+            trained = pool.train(f"{variant}-seed{seed}", model=changes, train={"seed": seed})
+            if trained.diverged:  # nothing to delete from: its row says so
+                summary.append({"variant": variant, "seed": seed, "baseline loss": math.nan})
+                continue
+            model = trained.model()
             curve = curves[variant, seed] = deletion_curve(model, tokens, draws=config.draws)
             base_loss = float(curve.baseline)
             rows += [{"variant": variant, "seed": seed, "kind": "curve", **r} for r in curve.rows()]
@@ -81,20 +85,21 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             rows += [{"variant": variant, "seed": seed, "kind": "block", **b} for b in blocks]
             summary.append(_summary(variant, seed, curve, blocks, model.cfg.n_layers))
     verdict, why = _verdict(summary)
+    every_single = "; every layer once for k = 1" if base.model.n_layers <= config.draws else ""
     return Findings(
         rows=rows,
-        table=summary,
+        table=[{key: s.get(key, math.nan) for key in max(summary, key=len)} for s in summary],
         figure=_figure(rows, curves, config),
         measured=(
             f"On {tokens.shape[0]} validation sequences of {tokens.shape[1]} bytes, for {base.model.n_layers}-layer "
             "models with and without residual connections: the loss change when k randomly chosen layers are "
-            f"deleted ({config.draws} draws per k; every layer once for k = 1), and when each contiguous block of "
+            f"deleted ({config.draws} draws per k{every_single}), and when each contiguous block of "
             "n layers is deleted. 'first layer' is the cost of deleting layer 0; 'other single' the mean cost of "
             "deleting one of the others. 'rank corr BI' is the rank correlation, over layers, of ShortGPT's Block "
-            "Influence with the measured single-deletion cost (+1: the score orders layers exactly by cost); "
-            "'Gromov pick / best' compares, for each block length n, the cost of the block with the least "
-            "angular distance with the cheapest block's, as a mean ratio over n (1: the score always picks the "
-            "best block)."
+            "Influence with the measured single-deletion cost (+1: the score orders layers exactly by cost), "
+            "'rank corr angular' the same for Gromov et al.'s angular distance between a layer's input and output; "
+            "'Gromov excess' is, for each block length n, the cost of the block with the least angular distance "
+            "minus the cheapest block's, in nats, averaged over n (0: the score always picks the best block)."
         ),
         verdict=verdict,
         why=why,
@@ -105,7 +110,7 @@ def _blocks(model: Any, tokens: np.ndarray, baseline: float) -> list[dict[str, A
     """The loss change of deleting each contiguous block of n layers, for every n < n_layers."""
     n_layers = model.cfg.n_layers
     out = []
-    for n in range(1, n_layers):
+    for n in range(1, max(n_layers, 2)):  # a 1-layer model: its one layer
         for start in range(n_layers - n + 1):
             loss = float(ablate(model, tokens, [f"L{i}" for i in range(start, start + n)], method="delete").loss)
             out.append({"n": n, "start": start, "loss": loss, "delta": loss - baseline})
@@ -117,24 +122,25 @@ def _summary(variant: str, seed: int, curve: Any, blocks: list[dict], n_layers: 
     by_k = {k: float(v.mean()) - base for k, v in curve.by_k().items()}
     singles = sorted((b for b in blocks if b["n"] == 1), key=lambda b: b["start"])
     costs = [b["delta"] for b in singles]
-    ratios = []
-    for n in range(1, n_layers):
+    excess = []
+    for n in sorted({b["n"] for b in blocks}):
         mine = [b for b in blocks if b["n"] == n]
         pick = min(mine, key=lambda b: b["angular_distance"])
-        best = min(b["delta"] for b in mine)
-        ratios.append(pick["delta"] / best if best > 0 else (1.0 if pick["delta"] <= 0 else math.inf))
+        excess.append(pick["delta"] - min(b["delta"] for b in mine))
     return {
         "variant": variant, "seed": seed, "baseline loss": base, "first layer": costs[0],
         "other single": float(np.mean(costs[1:])) if len(costs) > 1 else math.nan,
         f"k={n_layers // 2} mean": by_k.get(n_layers // 2, math.nan), "all deleted": by_k.get(n_layers, math.nan),
         "rank corr BI": rank_correlation([b["block_influence"] for b in singles], costs),
-        "Gromov pick / best": float(np.mean(ratios)),
+        "rank corr angular": rank_correlation([b["angular_distance"] for b in singles], costs),
+        "Gromov excess": float(np.mean(excess)),
     }  # fmt: skip
 
 
 def _verdict(summary: list[dict[str, Any]]) -> tuple[str, str]:
     def mean(variant: str, key: str) -> float:
-        return float(np.nanmean([s[key] for s in summary if s["variant"] == variant]))
+        values = [s.get(key, math.nan) for s in summary if s["variant"] == variant]
+        return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
     resid_single, plain_single = mean("residual", "other single"), mean("plain", "other single")
     resid_first = mean("residual", "first layer")
@@ -147,8 +153,9 @@ def _verdict(summary: list[dict[str, Any]]) -> tuple[str, str]:
         f"Deleting one layer other than the first costs {resid_single:.3f} nats on average in the residual model "
         f"(baseline {resid_base:.3f}) against {plain_single:.3f} in the plain one; the first layer costs "
         f"{resid_first:.3f}. Block Influence orders the residual model's layers by deletion cost with rank "
-        f"correlation {corr:+.2f}; Gromov's angular pick costs {mean('residual', 'Gromov pick / best'):.2f}x the "
-        f"best block on average. Counted as held: single deletions < 10% of the loss and < 1/3 of the plain "
+        f"correlation {corr:+.2f} (angular distance: {mean('residual', 'rank corr angular'):+.2f}); the block "
+        f"Gromov's angular distance picks costs {mean('residual', 'Gromov excess'):.3f} nats more than the best "
+        f"block on average. Counted as held: single deletions < 10% of the loss and < 1/3 of the plain "
         f"model's ({'yes' if smooth else 'no'}), the first layer > 2x the others ({'yes' if first_matters else 'no'}), "
         f"rank correlation > 0.5 ({'yes' if predicts else 'no'})."
     )

@@ -50,10 +50,10 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
         log = [(r["step"], r["loss"]) for r in t.log() if "loss" in r]
         curves[variant] = log
         rows += [{"variant": variant, "step": s, "train_loss": loss} for s, loss in log]
-        first = log[0][1] if log else math.nan
+        first, final = (log[0][1] if log else math.nan), t.train_loss()
         table.append(
-            {"variant": variant, "first logged loss": first, "final train loss": t.train_loss(),
-             "val loss": t.val_loss, "fall": first - t.train_loss(), "diverged": bool(t.diverged)}
+            {"variant": variant, "first logged loss": first, "final train loss": final,
+             "val loss": t.val_loss, "fall": first - final, "diverged": bool(t.diverged)}
         )  # fmt: skip
     unigram = unigram_loss(config.base)
     verdict, why = _verdict(table, unigram, config.margin)

@@ -98,6 +98,7 @@ def _measure_at(trained: Trained, step: int | None, batches: list[np.ndarray], s
 def measure(config: ConfigDict, pool: Pool) -> Findings:
     steps, n_layers = config.base.train.steps, config.n_layers
     every = max(1, steps // config.checkpoints)
+    measured_steps = sorted({*range(every, steps + 1, every), steps})  # the last step is always checkpointed
     val = split_tokens(config.base, "validation")
     batches = eval_batches(val, config.base.model.n_ctx, config.base.train.batch_size, config.batches)
     rows: list[dict[str, Any]] = []
@@ -107,10 +108,10 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
         trained = pool.train(
             variant.replace(" ", "-") + f"-L{n_layers}",
             model={**model, "n_layers": n_layers},
-            train={"seed": seed, "checkpoint_every": every, "keep_last": config.checkpoints + 1},
+            train={"seed": seed, "checkpoint_every": every, "keep_last": len(measured_steps) + 1},
         )
         logs[variant] = [(r["step"], r["layer_grad_norm"]) for r in trained.log() if "layer_grad_norm" in r]
-        for step in [None, *range(every, steps + 1, every)]:
+        for step in [None, *measured_steps]:
             if trained.diverged and step is not None:
                 break
             norms = _measure_at(trained, step, batches, seed)

@@ -3,6 +3,7 @@ their removal at test time, at little or no cost in loss."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,9 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             trained = pool.train(
                 f"stochastic-depth-{drop:g}-seed{seed}", model={"stochastic_depth": drop}, train={"seed": seed}
             )
+            if trained.diverged:  # its row says so; there is no model to delete from
+                table.append({"stochastic depth": variant, "seed": seed, "val loss": math.nan})
+                continue
             curve = curves[variant, seed] = deletion_curve(trained.model(), tokens, draws=config.draws)
             base_loss = float(curve.baseline)
             rows += [{"variant": variant, "seed": seed, "val_loss": trained.val_loss, **r} for r in curve.rows()]
@@ -53,10 +57,11 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             ]
             table.append(
                 {"stochastic depth": variant, "seed": seed, "val loss": trained.val_loss, "1 deleted": by_k[1],
-                 "1 deleted, not layer 0": float(np.mean(later)), f"{n // 2} deleted": by_k[n // 2],
-                 f"{n} deleted": by_k[n]}
+                 "1 deleted, not layer 0": float(np.mean(later)) if later else math.nan,
+                 "half deleted": by_k[n // 2], "all deleted": by_k[n]}
             )  # fmt: skip
-    verdict, why = _verdict(table)
+    table = [{key: r.get(key, math.nan) for key in max(table, key=len)} for r in table]
+    verdict, why = _verdict(table, base.model.n_layers // 2)
     return Findings(
         rows=rows,
         table=table,
@@ -67,7 +72,8 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
             f"at layer 0 to {config.drop_last} at the last layer; survivors scaled by 1/(1 - p) in training, the "
             "inverted form, so nothing is rescaled at test time), seeds "
             f"{list(config.seeds)}; and the mean loss change on {tokens.shape[0]} validation sequences when k "
-            f"random layers are deleted ({config.draws} draws per k; every layer once for k = 1). Huang et al. "
+            f"random layers are deleted ({config.draws} draws per k; 'half': k = {base.model.n_layers // 2}). "
+            "Huang et al. "
             "drop layer l (1-based) with probability (l/L)(1 - p_L); here layer 0 is never dropped, the last "
             "with p = 1 - p_L."
         ),
@@ -76,11 +82,11 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
     )
 
 
-def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
+def _verdict(table: list[dict[str, Any]], half_k: int) -> tuple[str, str]:
     def stat(variant: str, key: str) -> dict[str, float]:
         return spread([r[key] for r in table if r["stochastic depth"] == variant])
 
-    half = [k for k in table[0] if k.endswith("deleted")][1]
+    half = "half deleted"
     later_with, later_without = (
         stat("with", "1 deleted, not layer 0")["mean"],
         stat("without", "1 deleted, not layer 0")["mean"],
@@ -92,7 +98,7 @@ def _verdict(table: list[dict[str, Any]]) -> tuple[str, str]:
     noise = max(loss_without["max"] - loss_without["min"], loss_with["max"] - loss_with["min"], 0.02)
     cheap = loss_with["mean"] - loss_without["mean"] <= max(0.05, noise)
     why = (
-        f"Deleting {half.split()[0]} random layers costs {half_with:.3f} nats with stochastic depth against "
+        f"Deleting {half_k} random layers costs {half_with:.3f} nats with stochastic depth against "
         f"{half_without:.3f} without (1 layer: {one_with:.3f} against {one_without:.3f}; 1 layer other than layer 0, "
         f"which is never dropped in training: {later_with:.3f} against {later_without:.3f}); validation loss "
         f"{loss_with['mean']:.3f} with against {loss_without['mean']:.3f} without (seed spread {noise:.3f}). "

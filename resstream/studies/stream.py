@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
 from resstream import analysis
-from resstream.data import ByteTokenizer
+from resstream.runs import load_run
 from resstream.stream import token_norm
-from resstream.studies.common import Findings, Pool, study_config, verdict_of
+from resstream.studies.common import Findings, Pool, StudyError, study_config, verdict_of
 
 NAME = "stream"
 CLAIM = (
@@ -49,8 +49,10 @@ def _lens_stats(lens_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
 
 
 def measure(config: ConfigDict, pool: Pool) -> Findings:
-    model = pool.train("residual-seed0", train={"seed": config.seeds[0]}).model()
-    tokenizer = ByteTokenizer()
+    trained = pool.train("residual-seed0", train={"seed": config.seeds[0]})
+    if trained.diverged:
+        raise StudyError(f"the model this study reads diverged in training: {trained.diverged}")
+    model, tokenizer, _ = load_run(trained.run_dir)
     n_ctx = config.base.model.n_ctx
     per_prompt = []
     for prompt in config.prompts:
@@ -77,12 +79,13 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
         table=table,
         figure=_figure(labels, per_prompt, lens_loss, ratio, dla),
         measured=(
-            f"For the {model.cfg.n_layers}-layer residual model (pre-LN, trained {config.base.train.steps} steps; "
+            f"For the {model.cfg.n_layers}-layer residual model ({model.cfg.norm_placement}-LN, trained "
+            f"{config.base.train.steps} steps; "
             f"the same model the deletion study trains) on {len(config.prompts)} code prompts: the logit lens "
             "(the stream after each sublayer read through the final norm, recomputed on that stream, and W_U), "
-            "scored by its loss on the next byte and its top-1 accuracy; each write's norm over the norm of the "
+            "scored by its loss on the next token and its top-1 accuracy; each write's norm over the norm of the "
             "stream it is added to (mean over tokens); and each component's direct logit attribution to the "
-            "correct next byte (mean over positions), from `analysis.logit_attrs`."
+            "correct next token (mean over positions), from `analysis.logit_attrs`."
         ),
         verdict=verdict,
         why=why,
@@ -152,7 +155,7 @@ def _figure(labels, per_prompt, lens_loss, ratio, dla) -> Figure:
         ax_lens.plot(x, p["lens_loss"], alpha=0.4, label=f"prompt {i}")
     ax_lens.plot(x, lens_loss, color="black", marker="o", label="mean")
     ax_lens.set_xticks(x, labels, rotation=90, fontsize="small")
-    ax_lens.set(ylabel="loss of the lens readout (nats/byte)", title="logit lens: the stream read out at each point")
+    ax_lens.set(ylabel="loss of the lens readout (nats/token)", title="logit lens: the stream read out at each point")
     ax_lens.legend(fontsize="small")
     subs = per_prompt[0]["sublayers"]
     ax_norm.bar(np.arange(len(subs)), ratio, color=["tab:blue" if "attn" in s else "tab:orange" for s in subs])
@@ -163,6 +166,6 @@ def _figure(labels, per_prompt, lens_loss, ratio, dla) -> Figure:
     ax_dla.bar(np.arange(len(names)), [dla[n] for n in names], color="tab:green")
     ax_dla.axhline(0, color="black", linewidth=0.8)
     ax_dla.set_xticks(np.arange(len(names)), names, rotation=90, fontsize="small")
-    ax_dla.set(ylabel="direct logit attribution to the correct byte", title="what each component adds to the logit")
+    ax_dla.set(ylabel="direct logit attribution to the correct token", title="what each component adds to the logit")
     fig.tight_layout()
     return fig

@@ -9,7 +9,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from resstream.studies.common import Findings, Pool, per_seed, spread, study_config, unigram_loss, verdict_of
+from resstream.studies.common import (
+    Findings,
+    Pool,
+    StudyError,
+    per_seed,
+    spread,
+    study_config,
+    unigram_loss,
+    verdict_of,
+)
 
 NAME = "warmup"
 CLAIM = (
@@ -33,6 +42,8 @@ def get_config() -> ConfigDict:
 
 
 def measure(config: ConfigDict, pool: Pool) -> Findings:
+    if config.warmup_steps < 1:
+        raise StudyError(f"warmup_steps={config.warmup_steps}: the study compares a warmup with none; give 1 or more")
     rows: list[dict[str, Any]] = []
     for placement in PLACEMENTS:
         for warmup in (config.warmup_steps, 0):
