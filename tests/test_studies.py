@@ -65,8 +65,8 @@ FINITE = {
 def pool(tmp_path_factory):
     """One pool of trained models for the module (per xdist worker): studies that need the same
     micro model (the residual and plain 2-layer models serve four of them) train it once, as they do
-    at full size. (Putting every study on one worker, so that all share one pool, made the suite's
-    tail longer: measured 14:05 against 13:40 for the whole suite.)"""
+    at full size. (Every study on one worker, so that all share one pool, was tried: the suite took
+    14:05 against 13:40 without it, two runs that also differed in a few tests.)"""
     return tmp_path_factory.mktemp("pool")
 
 
