@@ -82,12 +82,10 @@ class Trained:
         when the run diverged."""
         if self.diverged:
             return math.nan
-        from resstream.data import eval_batches, split_tokens
         from resstream.losses import cross_entropy
 
-        model, tc = self.model(), self.config.train
-        tokens = split_tokens(self.config, "train")
-        batches = eval_batches(tokens, self.config.model.n_ctx, tc.batch_size, tc.eval_batches)
+        model = self.model()
+        batches = fixed_batches(self.config, "train", self.config.train.eval_batches)
         return float(np.mean([float(cross_entropy(model(b[:, :-1]), b[:, 1:])) for b in batches]))
 
     @property
@@ -162,6 +160,15 @@ def config_key(config: ConfigDict) -> str:
             node = node.get(key, {})
         node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def fixed_batches(config: ConfigDict, split: str, n_batches: int) -> list[np.ndarray]:
+    """The first `n_batches` batches [batch_size, n_ctx + 1] of a run config's `split`: the same
+    tokens for every model a study compares."""
+    from resstream.data import eval_batches, split_tokens
+
+    tokens = split_tokens(config, split)
+    return eval_batches(tokens, config.model.n_ctx, config.train.batch_size, n_batches)
 
 
 def unigram_loss(config: ConfigDict) -> float:

@@ -13,8 +13,7 @@ from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
 from resstream.ablation import ablate, deletion_curve
-from resstream.data import eval_batches, split_tokens
-from resstream.studies.common import Findings, Pool, rank_correlation, study_config, verdict_of
+from resstream.studies.common import Findings, Pool, fixed_batches, rank_correlation, study_config, verdict_of
 
 NAME = "deletion"
 CLAIM = (
@@ -62,8 +61,7 @@ def angular_distance(points: np.ndarray, start: int, n: int) -> float:
 
 def measure(config: ConfigDict, pool: Pool) -> Findings:
     base = config.base
-    val = split_tokens(base, "validation")
-    tokens = np.concatenate(eval_batches(val, base.model.n_ctx, base.train.batch_size, config.batches))[:, :-1]
+    tokens = np.concatenate(fixed_batches(base, "validation", config.batches))[:, :-1]
     rows: list[dict[str, Any]] = []
     curves, summary = {}, []
     for variant, changes in VARIANTS.items():

@@ -15,10 +15,9 @@ from flax import nnx
 from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
-from resstream.data import eval_batches, split_tokens
 from resstream.losses import cross_entropy
 from resstream.model import Transformer
-from resstream.studies.common import Findings, Pool, Trained, rank_correlation, study_config, verdict_of
+from resstream.studies.common import Findings, Pool, Trained, fixed_batches, rank_correlation, study_config, verdict_of
 from resstream.train import layer_norms
 
 NAME = "gradient-highway"
@@ -99,8 +98,7 @@ def measure(config: ConfigDict, pool: Pool) -> Findings:
     steps, n_layers = config.base.train.steps, config.n_layers
     every = max(1, steps // config.checkpoints)
     measured_steps = sorted({*range(every, steps + 1, every), steps})  # the last step is always checkpointed
-    val = split_tokens(config.base, "validation")
-    batches = eval_batches(val, config.base.model.n_ctx, config.base.train.batch_size, config.batches)
+    batches = fixed_batches(config.base, "validation", config.batches)
     rows: list[dict[str, Any]] = []
     logs = {}
     seed = config.seeds[0]

@@ -11,8 +11,7 @@ from matplotlib.figure import Figure
 from ml_collections import ConfigDict
 
 from resstream.ablation import deletion_curve
-from resstream.data import eval_batches, split_tokens
-from resstream.studies.common import Findings, Pool, spread, study_config, verdict_of
+from resstream.studies.common import Findings, Pool, fixed_batches, spread, study_config, verdict_of
 
 NAME = "stochastic-depth"
 CLAIM = (
@@ -34,8 +33,7 @@ def get_config() -> ConfigDict:
 
 def measure(config: ConfigDict, pool: Pool) -> Findings:
     base = config.base
-    val = split_tokens(base, "validation")
-    tokens = np.concatenate(eval_batches(val, base.model.n_ctx, base.train.batch_size, config.batches))[:, :-1]
+    tokens = np.concatenate(fixed_batches(base, "validation", config.batches))[:, :-1]
     variants = {"without": 0.0, "with": float(config.drop_last)}
     rows: list[dict[str, Any]] = []
     curves, table = {}, []
