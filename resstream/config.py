@@ -14,7 +14,11 @@ from ml_collections import ConfigDict, config_dict
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 POSITIONS = ("learned", "rotary")
-MLPS = ("gelu", "swiglu")
+# "gelu": GELU's tanh approximation (GPT-2's "gelu_new"); "gelu_exact": the erf form (GPT-NeoX's "gelu").
+MLPS = ("gelu", "gelu_exact", "swiglu")
+# Rotary frequency scaling for long contexts: "linear" divides every frequency by rope_factor;
+# "llama3" divides only the low frequencies, blending in between (Llama 3.1's scheme).
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "dots", "full")
 ATTENTIONS = ("auto", "xla", "cudnn")
@@ -41,14 +45,29 @@ class ModelConfig:
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
+    # Key/value heads: n_heads (multi-head attention, the default), fewer (grouped-query: query head h
+    # reads key/value head h // (n_heads // n_kv_heads)), or 1 (multi-query). Must divide n_heads.
+    n_kv_heads: int | None = None
     d_head: int | None = None
     d_mlp: int | None = None
     n_ctx: int = 256
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_placement: str = "pre"  # "pre": x + f(norm(x));  "post": norm(x + f(x))
     positions: str = "learned"  # "learned" (W_pos, the "pos_embed" write) | "rotary"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
+    mlp: str = "gelu"  # "gelu" (tanh approximation) | "gelu_exact" | "swiglu"
     attn_only: bool = False
+    # GPT-NeoX / GPT-J blocks: x + attn(ln1(x)) + mlp(ln2(x)), both sublayers reading the layer's input
+    # stream (and writing "{l}_attn_out", "{l}_mlp_out" as usual). Pre-LN residual models with an MLP.
+    parallel_attn: bool = False
+    # Biases per projection (a False one is no parameter at all): the query/key/value projections,
+    # attention's output projection b_O, the MLP's (b_in, b_gate, b_out) and the unembedding's b_U.
+    qkv_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    unembed_bias: bool = True
+    # Causal attention to at most the last `sliding_window` positions (the query's own included), as
+    # Mistral; None attends to every earlier position.
+    sliding_window: int | None = None
     tied_embeddings: bool = False
     residual: bool = True  # False: each sublayer's output replaces the stream (a plain network)
     # DeepNorm (Wang et al. 2022): a post-LN block norm(alpha * x + f(x)) that carries the stream
@@ -62,6 +81,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     norm_eps: float = 1e-5
     rotary_base: float = 10_000.0
+    # Rotary positions on the first rotary_dim dimensions of each head only (GPT-NeoX's rotary_pct);
+    # None rotates all d_head. Even, at most d_head.
+    rotary_dim: int | None = None
+    rope_scaling: str = "none"  # "none" | "linear" | "llama3" (see ROPE_SCALINGS)
+    rope_factor: float = 1.0  # "linear", "llama3": how much longer a context the frequencies serve
+    rope_low_freq_factor: float = 1.0  # "llama3": wavelengths above original_n_ctx / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # "llama3": wavelengths below original_n_ctx / this are kept
+    rope_original_n_ctx: int = 8192  # "llama3": the context the model was first trained at
     init_std: float = 0.02
     # Rematerialisation of the layer body in the backward pass: "none" keeps every activation;
     # "dots" keeps only matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and
@@ -78,12 +105,19 @@ class ModelConfig:
         _validate(self)
         if self.d_head is None:
             object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.d_mlp is None and not self.attn_only:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)
-        if self.positions == "rotary" and self.d_head % 2:
+        if self.positions == "rotary" and self.rotary_dim is None and self.d_head % 2:
             raise ConfigError(
                 f"positions='rotary' needs an even d_head, got d_head={self.d_head}: "
                 "choose d_model / n_heads even, set d_head to an even number, or use positions='learned'"
+            )
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
+            raise ConfigError(
+                f"rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}: rotary "
+                "positions rotate pairs of a head's dimensions"
             )
         if self.attention == "cudnn" and not self.cudnn_fits:
             raise ConfigError(
@@ -91,6 +125,11 @@ class ModelConfig:
                 f"(cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
                 "use attention='auto', which falls back to XLA's"
             )
+
+    @property
+    def rotary_dims(self) -> int:
+        """The dimensions of each head that rotary positions rotate (rotary_dim, or all of d_head)."""
+        return self.d_head if self.rotary_dim is None else self.rotary_dim
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -176,7 +215,7 @@ def _positive_int(cfg: ModelConfig, field: str) -> None:
 def _validate(cfg: ModelConfig) -> None:
     for field in ("vocab_size", "n_layers", "d_model", "n_heads", "n_ctx"):
         _positive_int(cfg, field)
-    for field in ("d_head", "d_mlp"):
+    for field in ("d_head", "d_mlp", "n_kv_heads", "rotary_dim", "sliding_window", "rope_original_n_ctx"):
         if getattr(cfg, field) is not None:
             _positive_int(cfg, field)
     _choice(cfg, "norm", NORMS)
@@ -187,6 +226,8 @@ def _validate(cfg: ModelConfig) -> None:
     _choice(cfg, "param_dtype", DTYPES)
     _choice(cfg, "remat", REMATS)
     _choice(cfg, "attention", ATTENTIONS)
+    _choice(cfg, "rope_scaling", ROPE_SCALINGS)
+    _validate_architecture(cfg)
     if cfg.d_head is None and cfg.d_model % cfg.n_heads:
         raise ConfigError(
             f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}: choose d_model a multiple "
@@ -217,6 +258,35 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"rotary_base must be greater than 1, got {cfg.rotary_base}")
 
 
+def _validate_architecture(cfg: ModelConfig) -> None:
+    """The options that loaded checkpoints (GPT-NeoX, Llama, ...) bring: each with what it needs."""
+    if cfg.n_kv_heads is not None and cfg.n_heads % cfg.n_kv_heads:
+        raise ConfigError(
+            f"n_kv_heads={cfg.n_kv_heads} must divide n_heads={cfg.n_heads}: each key/value head serves "
+            "an equal group of query heads"
+        )
+    if cfg.parallel_attn and (cfg.norm_placement != "pre" or not cfg.residual or cfg.attn_only):
+        raise ConfigError(
+            f"parallel_attn=True is the pre-LN residual block x + attn(ln1(x)) + mlp(ln2(x)), got "
+            f"norm_placement={cfg.norm_placement!r}, residual={cfg.residual}, attn_only={cfg.attn_only}: "
+            "set norm_placement='pre', residual=True and attn_only=False, or parallel_attn=False"
+        )
+    if cfg.positions != "rotary":
+        for field, default in (("rotary_dim", None), ("rope_scaling", "none")):
+            if getattr(cfg, field) != default:
+                raise ConfigError(
+                    f"{field}={getattr(cfg, field)!r} needs positions='rotary', got {cfg.positions!r}: "
+                    f"set positions='rotary' or {field}={default!r}"
+                )
+    if cfg.rope_scaling != "none" and cfg.rope_factor < 1:
+        raise ConfigError(f"rope_factor must be at least 1 with rope_scaling={cfg.rope_scaling!r}, got {cfg.rope_factor}")
+    if cfg.rope_scaling == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+        raise ConfigError(
+            f"rope_scaling='llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+            f"{cfg.rope_low_freq_factor} and {cfg.rope_high_freq_factor}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay, after clipping the global gradient norm."""
@@ -245,6 +315,8 @@ def base_config() -> ConfigDict:
     model = ModelConfig().to_dict()
     model["d_head"] = config_dict.placeholder(int)
     model["d_mlp"] = config_dict.placeholder(int)
+    for field in ("n_kv_heads", "rotary_dim", "sliding_window"):
+        model[field] = config_dict.placeholder(int)
     optimizer = dataclasses.asdict(OptimizerConfig())
     del optimizer["total_steps"]  # the run's train.steps
     return ConfigDict(
