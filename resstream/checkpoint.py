@@ -209,10 +209,8 @@ def _check_model(meta: dict, model_config: ModelConfig, where: str) -> None:
     # A field added since the checkpoint was saved takes its default (the model it was saved from),
     # then fills in as ModelConfig fills it (n_kv_heads = n_heads).
     saved = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **meta.get("model_config", {})}
-    try:
+    with contextlib.suppress(ValueError):  # else compared as saved: the differences name what changed
         saved = ModelConfig.from_dict(saved).to_dict()
-    except ValueError:
-        pass  # compared as saved: the differences name what changed
     wanted = model_config.to_dict()
     differences = {k: (saved.get(k), v) for k, v in wanted.items() if k not in RUNTIME_FIELDS and saved.get(k) != v}
     if differences:

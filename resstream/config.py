@@ -279,7 +279,9 @@ def _validate_architecture(cfg: ModelConfig) -> None:
                     f"set positions='rotary' or {field}={default!r}"
                 )
     if cfg.rope_scaling != "none" and cfg.rope_factor < 1:
-        raise ConfigError(f"rope_factor must be at least 1 with rope_scaling={cfg.rope_scaling!r}, got {cfg.rope_factor}")
+        raise ConfigError(
+            f"rope_factor must be at least 1 with rope_scaling={cfg.rope_scaling!r}, got {cfg.rope_factor}"
+        )
     if cfg.rope_scaling == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
         raise ConfigError(
             f"rope_scaling='llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
+from resstream.rotary import apply_rotary
 from resstream.sharding import BATCH_AXES, constrain
 
 
@@ -28,6 +28,16 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: jnp.
 def zeros_param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     """A parameter of zeros."""
     return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def bias_param(present: bool, shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param | None:
+    """A bias initialised at zero, or None for a model without it."""
+    return zeros_param(shape, dtype) if present else None
+
+
+def add_bias(y: jax.Array, b: nnx.Param | None) -> jax.Array:
+    """y + b in y's dtype; y itself when the model has no such bias."""
+    return y if b is None else y + b[...].astype(y.dtype)
 
 
 def value_std(cfg: ModelConfig) -> float:
@@ -78,37 +88,24 @@ class Norm(nnx.Module):
         return y.astype(self.dtype), scale
 
 
-def rotary_tables(seq: int, d_head: int, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin tables [seq, d_head] for GPT-NeoX-style rotary embeddings (rotate-half)."""
-    inv_freq = base ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)
-    angles = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]
-    angles = np.concatenate([angles, angles], axis=-1)
-    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
-
-
-def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [batch, seq, n_heads, d_head]; cos, sin [seq, d_head]."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
-
-
 class Attention(nnx.Module):
-    """Causal multi-head attention with per-head weights."""
+    """Causal attention with per-head weights: multi-head, or grouped-query when n_kv_heads < n_heads
+    (W_K, W_V [n_kv_heads, d_model, d_head]; query head h reads key/value head h // group)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        h, d, e, pdt = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
+        h, kv, d, e, pdt = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
         self.dtype = cfg.compute_dtype
         self.implementation = attention_implementation(cfg)
+        # (left, right) positions each query may see besides itself: a sliding window looks back W - 1
+        self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
         self.W_Q = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
-        self.W_K = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
-        self.W_V = normal_param(rngs, (h, d, e), value_std(cfg), pdt)
+        self.W_K = normal_param(rngs, (kv, d, e), cfg.init_std, pdt)
+        self.W_V = normal_param(rngs, (kv, d, e), value_std(cfg), pdt)
         self.W_O = normal_param(rngs, (h, e, d), output_std(cfg), pdt)
-        self.b_Q = zeros_param((h, e), pdt)
-        self.b_K = zeros_param((h, e), pdt)
-        self.b_V = zeros_param((h, e), pdt)
-        self.b_O = zeros_param((d,), pdt)
+        self.b_Q = bias_param(cfg.qkv_bias, (h, e), pdt)
+        self.b_K = bias_param(cfg.qkv_bias, (kv, e), pdt)
+        self.b_V = bias_param(cfg.qkv_bias, (kv, e), pdt)
+        self.b_O = bias_param(cfg.attn_out_bias, (d,), pdt)
 
     def __call__(
         self,
@@ -124,49 +121,56 @@ class Attention(nnx.Module):
         dt = self.dtype
         flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
 
-        def project(w: nnx.Param, b: nnx.Param) -> jax.Array:
-            y = jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)) + b[...].astype(dt)
+        def project(w: nnx.Param, b: nnx.Param | None) -> jax.Array:
+            y = add_bias(jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)), b)
             y = constrain(y, BATCH_AXES, "tensor", None)  # heads split over the tensor axis
-            return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, n_heads, d_head]
+            return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, heads, d_head]
 
         q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
         if rope is not None:
-            q, k = _apply_rotary(q, *rope), _apply_rotary(k, *rope)
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # z always comes from jax.nn.dot_product_attention: cuDNN's fused (flash) attention on an
-        # NVIDIA GPU, XLA's elsewhere. The pattern, when recorded, is computed beside it for the
-        # record only, so recording cannot change the logits.
-        z = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation).astype(dt)
+        # NVIDIA GPU, XLA's elsewhere; it groups query heads over key/value heads itself. The pattern,
+        # when recorded, is computed beside it for the record only, so recording cannot change the logits.
+        z = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=self.window, implementation=self.implementation
+        ).astype(dt)
         z = constrain(z, BATCH_AXES, None, "tensor", None)
-        pattern = _causal_pattern(q, k) if want_pattern else None
+        pattern = _causal_pattern(q, k, self.window) if want_pattern else None
         if edit_z is not None:
             z = edit_z(z)
         out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
-        out = constrain(out + self.b_O[...].astype(dt), BATCH_AXES, None)
+        out = constrain(add_bias(out, self.b_O), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), z, pattern
 
 
-def _causal_pattern(q: jax.Array, k: jax.Array) -> jax.Array:
-    """Attention weights [batch, n_heads, seq_q, seq_k] (float32) of q, k [batch, seq, n_heads, d_head]."""
+def _causal_pattern(q: jax.Array, k: jax.Array, window: tuple[int, int] | None) -> jax.Array:
+    """Attention weights [batch, n_heads, seq_q, seq_k] (float32) of q [batch, seq, n_heads, d_head]
+    and k [batch, seq, n_kv_heads, d_head]."""
     seq = q.shape[1]
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads key head h // group
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    visible = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    if window is not None:
+        visible &= jnp.triu(jnp.ones((seq, seq), dtype=bool), -window[0])
+    return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
 
 
 class MLP(nnx.Module):
-    """gelu: gelu(x W_in + b_in) W_out + b_out (tanh GELU, as GPT-2);
-    swiglu: (silu(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out."""
+    """gelu: gelu(x W_in + b_in) W_out + b_out (tanh GELU, as GPT-2; gelu_exact: the erf form);
+    swiglu: (silu(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out. Biases as cfg.mlp_bias says."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, m, pdt = cfg.d_model, cfg.d_mlp, cfg.params_dtype
+        swiglu = cfg.mlp == "swiglu"
         self.kind = cfg.mlp
         self.dtype = cfg.compute_dtype
         self.W_in = normal_param(rngs, (d, m), value_std(cfg), pdt)
-        self.b_in = zeros_param((m,), pdt)
-        self.W_gate = normal_param(rngs, (d, m), value_std(cfg), pdt) if cfg.mlp == "swiglu" else None
-        self.b_gate = zeros_param((m,), pdt) if cfg.mlp == "swiglu" else None
+        self.b_in = bias_param(cfg.mlp_bias, (m,), pdt)
+        self.W_gate = normal_param(rngs, (d, m), value_std(cfg), pdt) if swiglu else None
+        self.b_gate = bias_param(cfg.mlp_bias and swiglu, (m,), pdt)
         self.W_out = normal_param(rngs, (m, d), output_std(cfg), pdt)
-        self.b_out = zeros_param((d,), pdt)
+        self.b_out = bias_param(cfg.mlp_bias, (d,), pdt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [batch, seq, d_model] -> (mlp_out [batch, seq, d_model], post [batch, seq, d_mlp])."""
@@ -174,11 +178,11 @@ class MLP(nnx.Module):
         dt = self.dtype
         # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
         flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
-        pre = constrain(flat @ self.W_in[...].astype(dt) + self.b_in[...].astype(dt), BATCH_AXES, "tensor")
+        pre = constrain(add_bias(flat @ self.W_in[...].astype(dt), self.b_in), BATCH_AXES, "tensor")
         if self.kind == "swiglu":
-            gate = constrain(flat @ self.W_gate[...].astype(dt) + self.b_gate[...].astype(dt), BATCH_AXES, "tensor")
+            gate = constrain(add_bias(flat @ self.W_gate[...].astype(dt), self.b_gate), BATCH_AXES, "tensor")
             post = jax.nn.silu(gate) * pre
         else:
-            post = jax.nn.gelu(pre, approximate=True)
-        out = constrain(post @ self.W_out[...].astype(dt) + self.b_out[...].astype(dt), BATCH_AXES, None)
+            post = jax.nn.gelu(pre, approximate=self.kind == "gelu")
+        out = constrain(add_bias(post @ self.W_out[...].astype(dt), self.b_out), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)

@@ -14,6 +14,7 @@ The mathematics, for a pre-LN model with residual connections:
     logits = ln_final(x) @ W_U + b_U
 
 post-LN: x = ln1_l(x + attn_l(x)); x = ln2_l(x + mlp_l(x)); no final norm.
+parallel attention (GPT-NeoX): x = x + attn_l(ln1_l(x)) + mlp_l(ln2_l(x)), both reading the layer's input.
 DeepNorm: post-LN with the carried stream scaled, x = ln1_l(alpha * x + attn_l(x)), alpha = (2 n_layers)^(1/4).
 residual=False: the `x +` is dropped, each sublayer's output becomes the stream.
 """
@@ -30,8 +31,9 @@ import numpy as np
 from flax import nnx
 
 from resstream.config import SUBLAYER_NORM, ModelConfig
-from resstream.layers import MLP, Attention, Norm, dropout, normal_param, rotary_tables, zeros_param
+from resstream.layers import MLP, Attention, Norm, add_bias, bias_param, dropout, normal_param
 from resstream.memory import run_within
+from resstream.rotary import rotary_tables
 from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
 from resstream.stream import MODES, OPTIONAL_RECORDS, ResidualStream, token_norm
 
@@ -53,6 +55,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.post_ln = cfg.norm_placement == "post"
+        self.parallel = cfg.parallel_attn
         self.dropout = cfg.dropout
         self.ln1 = Norm(cfg)
         self.attn = Attention(cfg, rngs=rngs)
@@ -82,10 +85,12 @@ class Block(nnx.Module):
 
         stream = stream.record("resid_pre", stream.read())
         stream = stream.record_stat("resid_pre_norm", jnp.mean(token_norm(stream.read())))
+        layer_input = stream.read()
         stream = self.sublayer("attn", stream, rope, attn_key, finish)
         if self.mlp is not None:
             stream = stream.record("resid_mid", stream.read())
-            stream = self.sublayer("mlp", stream, rope, mlp_key, finish)
+            reads = layer_input if self.parallel else None
+            stream = self.sublayer("mlp", stream, rope, mlp_key, finish, reads=reads)
         return stream
 
     def sublayer(
@@ -96,10 +101,13 @@ class Block(nnx.Module):
         key: jax.Array | None = None,
         finish: Callable[[jax.Array, jax.Array | None], jax.Array] | None = None,
         compute: bool = True,
+        reads: jax.Array | None = None,
     ) -> ResidualStream:
         """Apply one sublayer ("attn" or "mlp"): read the stream, compute, write, and (post-LN)
         normalise. `compute=False` skips the sublayer's own computation and writes zeros in its
-        place: for a stream whose ablation replaces or deletes this write anyway."""
+        place: for a stream whose ablation replaces or deletes this write anyway. `reads`: the stream
+        [batch, seq, d_model] a pre-LN sublayer reads instead of the current one (a parallel block's
+        MLP reads the layer's input, not the stream after attention's write)."""
         norm_name, write_name = SUBLAYER_NORM[kind], f"{kind}_out"
         norm = getattr(self, norm_name)
         run = self._attn(rope, stream) if kind == "attn" else self._mlp()
@@ -113,7 +121,7 @@ class Block(nnx.Module):
             y, scale = norm(stream.read())
             stream = stream.record(f"{norm_name}_scale", scale).replace_resid(y)
         else:  # x = x + f(norm(x))
-            h, scale = norm(stream.read())
+            h, scale = norm(stream.read() if reads is None else reads)
             stream = stream.record(f"{norm_name}_scale", scale)
             stream, out = run(stream, h)
             stream = stream.write(write_name, finish(out, key))
@@ -198,7 +206,7 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)  # every parameter has a leading [n_layers] axis
         self.ln_final = Norm(cfg) if cfg.norm_placement == "pre" else None
         self.W_U = None if cfg.tied_embeddings else normal_param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std, pdt)
-        self.b_U = zeros_param((cfg.vocab_size,), pdt)
+        self.b_U = bias_param(cfg.unembed_bias, (cfg.vocab_size,), pdt)
 
     # ----------------------------------------------------------------------------------- pieces
     @property
@@ -207,9 +215,9 @@ class Transformer(nnx.Module):
         return self.W_E[...].T if self.W_U is None else self.W_U[...]
 
     def rope(self, seq: int) -> tuple[jax.Array, jax.Array] | None:
-        """Rotary cos/sin tables [seq, d_head] for rotary positions, else None."""
+        """Rotary cos/sin tables [seq, rotary_dims] for rotary positions, else None."""
         cfg = self.cfg
-        return rotary_tables(seq, cfg.d_head, cfg.rotary_base) if cfg.positions == "rotary" else None
+        return rotary_tables(seq, cfg) if cfg.positions == "rotary" else None
 
     def layer(self, index: int) -> Block:
         """Layer `index` as a standalone Block (a view of that slice of the stacked weights)."""
@@ -245,7 +253,7 @@ class Transformer(nnx.Module):
         logits = jnp.einsum(
             "...d,dv->...v", resid.astype(dt), self.unembed_matrix.astype(dt), preferred_element_type=jnp.float32
         )
-        return logits + self.b_U[...].astype(jnp.float32), scale
+        return add_bias(logits, self.b_U), scale
 
     # ---------------------------------------------------------------------------------- forward
     def __call__(

@@ -84,6 +84,8 @@ def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarr
     starts, cheap = [], []
     for j in range(n_jobs):
         first = int(np.argmax(changed[j])) if changed[j].any() else n_sublayers
+        if cfg.parallel_attn and first < n_sublayers:
+            first -= first % per_layer  # a parallel block's MLP reads the layer's input: start there
         patched_at = patch_layers[j] * per_layer if patch_layers[j] >= 0 else n_sublayers
         start = min(first, patched_at)
         starts.append(start)
@@ -203,12 +205,16 @@ class _Lanes:
     jobs: list[int] = dataclasses.field(default_factory=list)
     streams: jax.Array | None = None
     window: slice | None = None
+    # parallel blocks: each lane's stream entering the current layer, which its MLP reads
+    layer_input: jax.Array | None = None
 
     def narrow(self) -> None:
         """From here on carry only the last `read_last` positions."""
         self.window = slice(-self.read_last, None)
         if self.streams is not None:
             self.streams = self.streams[:, :, self.window]
+        if self.layer_input is not None:
+            self.layer_input = self.layer_input[:, :, self.window]
 
     def entering(self, jobs: list[int], k: int) -> jax.Array:
         """Initial streams [len(jobs), batch, seq, d_model] of jobs that join at sublayer k: the
@@ -222,9 +228,12 @@ class _Lanes:
             x = jnp.where(where[:, None, :, None], _stream_entering(self.source, cfg, k)[None], x)
         return x if self.window is None else x[:, :, self.window]
 
-    def apply(self, k: int, jobs: list[int], streams: jax.Array, compute: bool) -> jax.Array:
+    def apply(
+        self, k: int, jobs: list[int], streams: jax.Array, compute: bool, reads: jax.Array | None = None
+    ) -> jax.Array:
         """Sublayer k applied to each lane under that lane's ablation; `compute=False` for lanes
-        whose write there is replaced or deleted whole (its output is known)."""
+        whose write there is replaced or deleted whole (its output is known); `reads` [lanes, batch,
+        seq, d_model]: what each lane's sublayer reads instead of its stream (a parallel block's MLP)."""
         cfg = self.model.cfg
         layer, kind = cfg.sublayer(k)
         block = self.model.layer(layer)
@@ -234,13 +243,13 @@ class _Lanes:
         if self.window is not None:
             values = jax.tree.map(lambda v: v if v.shape[1] == 1 else v[:, self.window], values)
 
-        def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
+        def one(resid: jax.Array, lane_ablation: Ablation, lane_reads: jax.Array | None) -> jax.Array:
             stream = ResidualStream(
                 resid, {}, lane_ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale
             )
-            return block.sublayer(kind, stream, rope, compute=compute).resid
+            return block.sublayer(kind, stream, rope, compute=compute, reads=lane_reads).resid
 
-        return _map_lanes(one, (streams, lane_masks), self.chunk_size)
+        return _map_lanes(one, (streams, lane_masks, reads), self.chunk_size)
 
     def step(self, k: int) -> None:
         """Let the jobs that start at k join, then run sublayer k on every lane. The last sublayer,
@@ -251,13 +260,20 @@ class _Lanes:
         new = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == k]
         fresh = [j for j in new if not self.schedule.cheap[j]]  # compute sublayer k from the base stream
         known = [j for j in new if self.schedule.cheap[j]]  # sublayer k's output is known
-        computed, parts = self.jobs + fresh, []
+        computed, parts, inputs = self.jobs + fresh, [], []
+        parallel_mlp = self.model.cfg.parallel_attn and self.model.cfg.sublayer(k)[1] == "mlp"
+        reads = self.layer_input if parallel_mlp else None  # no job starts at a parallel MLP
         if computed:
             ongoing = [] if self.streams is None else [self.streams]
             x = jnp.concatenate([*ongoing, self.entering(fresh, k)]) if fresh else self.streams
-            parts.append(self.apply(k, computed, x, compute=True))
+            parts.append(self.apply(k, computed, x, compute=True, reads=reads))
+            inputs.append(x)
         if known:
-            parts.append(self.apply(k, known, self.entering(known, k), compute=False))
+            x = self.entering(known, k)
+            parts.append(self.apply(k, known, x, compute=False))
+            inputs.append(x)
+        if self.model.cfg.parallel_attn and not parallel_mlp and inputs:
+            self.layer_input = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         if parts:
             self.streams = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
             self.jobs = computed + known
