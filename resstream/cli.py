@@ -1,7 +1,9 @@
 """Command line: `python train.py --config configs/NAME.py [--config.section.field=value ...]`,
 `python -m resstream sample RUN_DIR [--prompt ...]`,
-`python -m resstream ablate --checkpoint RUN_DIR [--granularity ...] [--deletion] [--patch]` and
-`python -m resstream study NAME [--config.field=value ...]`."""
+`python -m resstream ablate --checkpoint RUN_DIR [--granularity ...] [--deletion] [--patch]`,
+`python -m resstream analyse MODEL --prompt TEXT` and
+`python -m resstream study NAME [--config.field=value ...]`. Wherever a command takes a model (RUN_DIR,
+MODEL), a Hugging Face model directory (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2) works too."""
 
 from __future__ import annotations
 
@@ -76,12 +78,41 @@ def _join_hosts() -> None:
         jax.distributed.initialize()
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether `path` holds a Hugging Face model (a config.json with a `model_type`), not a run."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(path: str | Path, step: int | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, run config) of a run directory, or of a Hugging Face model directory (loaded
+    in `dtype`, with the default run config: its data is the built-in corpus)."""
+    if not is_hf_dir(path):
+        return load_run(path, step)
+    from resstream import hf
+    from resstream.config import base_config
+
+    if step is not None:
+        raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one checkpoint")
+    try:
+        model, tokenizer = hf.load(path, dtype=dtype)
+    except hf.HFError as err:
+        raise ConfigError(str(err)) from err
+    config = base_config()
+    config.model.update(model.cfg.to_dict())
+    return model, tokenizer, config
+
+
 def sample_main(argv: list[str]) -> None:
     """`python -m resstream sample RUN_DIR ...`: continue a prompt with a trained run."""
     from resstream.sampling import check_sampling
 
-    parser = argparse.ArgumentParser(prog="python -m resstream sample", description="sample from a trained run")
-    parser.add_argument("run_dir")
+    parser = argparse.ArgumentParser(
+        prog="python -m resstream sample", description="sample from a trained run or a Hugging Face model directory"
+    )
+    parser.add_argument("run_dir", metavar="MODEL", help="a run directory, or a Hugging Face model directory")
     parser.add_argument("--prompt", default="def ")
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
@@ -95,8 +126,11 @@ def sample_main(argv: list[str]) -> None:
     if args.num_samples < 1:
         parser.error(f"--num_samples must be at least 1, got {args.num_samples}")
     try:
-        config = run_config(args.run_dir)
-        check_sampling(args.tokens, args.temperature, args.top_k, config["model"]["vocab_size"])
+        if is_hf_dir(args.run_dir):
+            vocab_size = json.loads((Path(args.run_dir) / "config.json").read_text()).get("vocab_size", 1 << 31)
+        else:
+            vocab_size = run_config(args.run_dir)["model"]["vocab_size"]
+        check_sampling(args.tokens, args.temperature, args.top_k, vocab_size)
     except ValueError as err:
         parser.error(str(err))
 
@@ -104,7 +138,7 @@ def sample_main(argv: list[str]) -> None:
 
     from resstream.sampling import generate
 
-    model, tokenizer, _ = load_run(args.run_dir, args.step)
+    model, tokenizer, _ = load_model(args.run_dir, args.step)
     seed = args.seed if args.seed is not None else secrets.randbelow(1 << 31)
     if args.seed is None:
         print(f"note: seed {seed} (pass --seed {seed} to draw the same samples again)", file=sys.stderr)
@@ -135,7 +169,7 @@ def ablate_main(argv: list[str]) -> None:
         "CSV, JSON and PNG files",
     )
     add = parser.add_argument
-    add("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory made by train.py")
+    add("--checkpoint", required=True, metavar="MODEL", help="a run directory, or a Hugging Face model directory")
     add("--granularity", choices=interventions.GRANULARITIES, default="sublayers")
     add("--method", choices=interventions.METHODS, default="zero")
     add("--batch_size", type=int, default=16)
@@ -153,7 +187,7 @@ def ablate_main(argv: list[str]) -> None:
     add("--step", type=int, default=None, help="the checkpoint to load (default: the latest)")
     args = parser.parse_args(argv)
 
-    model, tokenizer, config = load_run(args.checkpoint, args.step)
+    model, tokenizer, config = load_model(args.checkpoint, args.step)
     seq = min(args.seq or model.cfg.n_ctx, model.cfg.n_ctx)
     out = Path(args.out or Path(args.checkpoint) / "ablation")
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +216,7 @@ def _deletion(model: Any, tokens: Any, args: argparse.Namespace, out: Path) -> N
 
     models = {Path(args.checkpoint).name: model}
     if args.compare:
-        models[Path(args.compare).name] = load_run(args.compare)[0]
+        models[Path(args.compare).name] = load_model(args.compare)[0]
     curves = {}
     for name, m in models.items():
         curve = curves[name] = deletion_curve(m, tokens[:, : m.cfg.n_ctx], draws=args.draws)
@@ -235,6 +269,32 @@ def _patch(model: Any, tokenizer: Any, args: argparse.Namespace, out: Path) -> N
         f"\npatching: logit diff clean {meta['clean_diff']:.3f}, corrupted {meta['corrupted_diff']:.3f}; "
         f"fraction recovered by layer (rows) and position:\n{recovered}"
     )
+
+
+def analyse_main(argv: list[str]) -> None:
+    """`python -m resstream analyse MODEL --prompt TEXT`: direct logit attribution, logit lens and a
+    head sweep for one prompt."""
+    from resstream.prompt_analysis import analyse_prompt, write_analysis
+
+    parser = argparse.ArgumentParser(
+        prog="python -m resstream analyse",
+        description="which components wrote the predicted next token (direct logit attribution), where the "
+        "stream first predicts it (logit lens) and which heads the prompt's loss needs (a zero-ablation head "
+        "sweep); prints them and writes analysis.json and analysis.png",
+    )
+    parser.add_argument("model", metavar="MODEL", help="a run directory, or a Hugging Face model directory")
+    parser.add_argument("--prompt", default="def add(a, b):\n    return a +")
+    parser.add_argument("--top", type=int, default=5, help="next tokens to list")
+    parser.add_argument("--dtype", default="float32", help="parameters of a Hugging Face model: float32 or bfloat16")
+    parser.add_argument("--out", default=None, help="output directory (default: MODEL/analysis)")
+    parser.add_argument("--step", type=int, default=None, help="a run's checkpoint (default: the latest)")
+    args = parser.parse_args(argv)
+    model, tokenizer, _ = load_model(args.model, args.step, args.dtype)
+    result = analyse_prompt(model, tokenizer, args.prompt, top=args.top)
+    out = Path(args.out or Path(args.model) / "analysis")
+    write_analysis(result, out)
+    print(result)
+    print(f"\nwrote {out}/")
 
 
 STUDY_USAGE = "usage: python -m resstream study NAME [--config.FIELD=VALUE ...] (--list: the studies)"
@@ -308,6 +368,8 @@ def _flat(node: dict, prefix: str = "") -> list[str]:
 USAGE = (
     "usage: python -m resstream sample RUN_DIR [--prompt TEXT] [--temperature T] [--top_k K] [--step N]\n"
     "       python -m resstream ablate --checkpoint RUN_DIR [--granularity G] [--method M] [--deletion] [--patch]\n"
+    "       python -m resstream analyse MODEL [--prompt TEXT]\n"
+    "       (RUN_DIR or MODEL: a run directory, or a Hugging Face model directory)\n"
     "       python -m resstream study NAME [--config.FIELD=VALUE ...]   (--list: the studies)\n"
     "       (training: python train.py --config configs/NAME.py; each command takes --help)"
 )
@@ -322,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     from resstream.studies.common import StudyError
 
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"sample": sample_main, "ablate": ablate_main, "study": study_main}
+    commands = {"sample": sample_main, "ablate": ablate_main, "analyse": analyse_main, "study": study_main}
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return
