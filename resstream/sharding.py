@@ -45,6 +45,7 @@ FREE = P.UNCONSTRAINED  # a dimension left to XLA
 # Tensor-parallel axis of each parameter (counted with the leading layer axis of block parameters).
 TENSOR_AXIS = {"W_Q": 1, "W_K": 1, "W_V": 1, "b_Q": 1, "b_K": 1, "b_V": 1, "W_O": 1,
                "W_in": 2, "W_gate": 2, "b_in": 1, "b_gate": 1, "W_out": 1}  # fmt: skip
+KV_PARAMS = frozenset({"W_K", "W_V", "b_K", "b_V"})  # [n_kv_heads, ...] per layer
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
@@ -84,9 +85,11 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     name = param_name(path)
     if tensor > 1 and name in TENSOR_AXIS and _in_blocks(path) and len(shape) > TENSOR_AXIS[name]:
         axis = TENSOR_AXIS[name]
-        if shape[axis] % tensor:
+        if shape[axis] % tensor == 0:
+            spec[axis] = "tensor"
+        elif name not in KV_PARAMS:
             raise ConfigError(f"tensor parallelism over {tensor} devices: {name} axis {axis} has size {shape[axis]}")
-        spec[axis] = "tensor"
+        # else: fewer key/value heads than tensor devices (multi-query): they are replicated
     if fsdp > 1:
         first = 1 if _in_blocks(path) else 0  # never the stacked layer axis
         free = [a for a in range(first, len(shape)) if spec[a] is None and shape[a] % fsdp == 0]
