@@ -68,6 +68,7 @@ def get_config():
         positions="learned",
         mlp="gelu",
         tied_embeddings=True,
+        unembed_bias=False,  # GPT-2 has none: resstream.hf.save exports the run as a GPT-2 checkpoint
         dropout=0.0,
         dtype="bfloat16",
         param_dtype="float32",

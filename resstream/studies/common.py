@@ -34,6 +34,13 @@ _NOT_KEYED = (
 # Part of every run's key: raise it when a change to the model or the training makes older pool
 # runs stale, so that they are trained again rather than silently reused.
 POOL_VERSION = 1
+# Model fields added after pool version 1 (for loaded checkpoints): left out of the key at their
+# defaults, which compute what the models before them computed, so those pool runs stay found.
+_LATER_MODEL_FIELDS = (
+    "n_kv_heads", "parallel_attn", "qkv_bias", "attn_out_bias", "mlp_bias", "unembed_bias", "sliding_window",
+    "rotary_dim", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_n_ctx",
+)  # fmt: skip
 
 
 class StudyError(RuntimeError):
@@ -159,6 +166,10 @@ def config_key(config: ConfigDict) -> str:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    defaults = base_config().model
+    for field in _LATER_MODEL_FIELDS:
+        if values.get("model", {}).get(field, defaults[field]) == defaults[field]:
+            values.get("model", {}).pop(field, None)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
