@@ -1,6 +1,6 @@
 """The Hugging Face model families that `resstream.hf` reads and writes, and the choice of family
-for a resstream model. Each family's tables (config fields, tensor layouts) live in `hf_gpt`
-(GPT-2, GPT-NeoX) and `hf_llama` (Llama, Mistral, Qwen2). None of these families has an
+for a resstream model. Each family's tables (config fields, tensor layouts) live in `gpt`
+(GPT-2, GPT-NeoX) and `llama` (Llama, Mistral, Qwen2). None of these families has an
 unembedding bias (b_U).
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from resstream.config import ModelConfig
-from resstream.hf_common import Getter, HFError, Params, nonzero, refuse
-from resstream.hf_gpt import gpt2_config, gpt2_export, gpt2_getters, neox_config, neox_export, neox_getters
-from resstream.hf_llama import llama_config, llama_export, llama_getters
+from resstream.hf.common import Getter, HFError, Params, nonzero, refuse
+from resstream.hf.gpt import gpt2_config, gpt2_export, gpt2_getters, neox_config, neox_export, neox_getters
+from resstream.hf.llama import llama_config, llama_export, llama_getters
 
 
 @dataclass(frozen=True)

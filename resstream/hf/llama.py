@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from resstream.config import ModelConfig
-from resstream.hf_common import (
+from resstream.hf.common import (
     SILUS,
     Getter,
     Params,

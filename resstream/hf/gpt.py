@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from resstream.config import ModelConfig
-from resstream.hf_common import (
+from resstream.hf.common import (
     Getter,
     Params,
     common_export,

@@ -8,7 +8,7 @@ A checkpoint is a directory in the Hugging Face layout: config.json, model.safet
 with model.safetensors.index.json) and tokenizer.json. Reading needs neither torch nor transformers:
 tensors come through `safetensors`, the tokenizer through `tokenizers`. A config.json field that
 changes the computation in a way resstream does not reproduce is refused with an `HFError` naming
-it (see `resstream.hf_families`), never silently ignored.
+it (see `resstream.hf.families`), never silently ignored.
 
 The tokenizer is a `BPETokenizer`, which adds no special tokens: a Llama model expects its BOS token
 first, which `tokenizer.encode` does not prepend (transformers' tokenizer does, unless called with
@@ -37,8 +37,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from resstream.config import DTYPES, ConfigError, ModelConfig
 from resstream.data import ByteTokenizer
-from resstream.hf_common import HFError
-from resstream.hf_families import Family, export, family_of
+from resstream.hf.common import HFError
+from resstream.hf.families import Family, export, family_of
 from resstream.model import Transformer
 from resstream.tokenizer import BPETokenizer, _unicode_to_byte
 
