@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,3 +162,45 @@ assert "matplotlib.pyplot" not in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_commands_take_a_hugging_face_model_directory(tmp_path, capsys, monkeypatch):
+    from flax import nnx
+
+    from conftest import randomize
+    from resstream import ModelConfig, Transformer, analysis, hf
+
+    cfg = ModelConfig(vocab_size=256, n_layers=2, d_model=32, n_heads=4, n_ctx=32, unembed_bias=False)
+    model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)), scale=0.5)
+    hf.save(model, ByteTokenizer(), tmp_path / "gpt2")
+    monkeypatch.chdir(tmp_path)  # the token cache of `ablate` goes under ./runs
+    prompt = "def f(x):\n    return x"
+
+    main(["analyse", str(tmp_path / "gpt2"), "--prompt", prompt, "--out", str(tmp_path / "analysis")])
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert (tmp_path / "analysis" / "analysis.png").read_bytes()[:4] == b"\x89PNG"
+    ids = ByteTokenizer().encode(prompt)[None].astype(np.int32)
+    logits, cache = model.run_with_cache(ids)
+    predicted = int(np.argmax(logits[0, -1]))
+    assert result["next_tokens"][0][0] == ByteTokenizer().token_label(predicted) and "next token:" in printed
+    dla = dict(result["dla"])  # every component (heads split), summing to the predicted token's logit
+    expected = analysis.logit_attrs(model, cache, [predicted], split_heads=True, pos=-1)
+    assert set(dla) == set(expected.labels) and abs(sum(dla.values()) - float(logits[0, -1, predicted])) < 1e-4
+    assert [row[0] for row in result["lens"]][-1] == "final"
+    assert abs(result["lens"][-1][1] - float(jnp.max(jax.nn.softmax(logits[0, -1])))) < 1e-5
+    assert np.asarray(result["heads"]).shape == (2, 4)
+
+    main(["sample", str(tmp_path / "gpt2"), "--prompt", "ab", "--tokens", "5", "--temperature", "0", "--seed", "0"])
+    greedy = generate(model, ByteTokenizer().encode("ab")[None], 5, temperature=0)[0]
+    assert capsys.readouterr().out.startswith(ByteTokenizer().decode(greedy) + "\n")
+
+    out = tmp_path / "ablation"
+    main(["ablate", "--checkpoint", str(tmp_path / "gpt2"), "--batch_size", "2", "--seq", "16", "--out", str(out)])
+    # on the built-in corpus's validation split, in the model's own tokenizer
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["component"] for r in sweep["rows"]] == ["0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+
+    with pytest.raises(SystemExit) as refused:
+        main(["sample", str(tmp_path / "gpt2"), "--step", "3"])
+    assert refused.value.code == 1 and "holds one checkpoint" in capsys.readouterr().err
