@@ -73,60 +73,133 @@ BATCH, SEQ = 2, 12
 
 
 def grid() -> list[dict]:
-    """Every supported architecture: norm x placement x positions x MLP (or attention-only) x
-    tied/untied x residual on/off (96), then 4 DeepNorm models (post-LN, residual) that between them
-    take each norm, each kind of positions and each MLP."""
-    configs = []
-    for norm, placement, positions, mlp, tied, residual in itertools.product(
-        ("layernorm", "rmsnorm"),
-        ("pre", "post"),
-        ("learned", "rotary"),
-        ("gelu", "swiglu", None),
-        (False, True),
-        (True, False),
-    ):
-        configs.append(
-            dict(
-                norm=norm,
-                norm_placement=placement,
-                positions=positions,
-                mlp=mlp or "gelu",
-                attn_only=mlp is None,
-                tied_embeddings=tied,
-                residual=residual,
-            )
+    """Every supported architecture: the 96 of `base_grid()`, then 4 DeepNorm models (post-LN,
+    residual) that between them take each norm, each kind of positions and each MLP, then the 8
+    `FAMILIES`, which combine the options that Hugging Face checkpoints bring."""
+    deepnorm = [
+        dict(
+            norm=norm,
+            norm_placement="post",
+            positions=positions,
+            mlp=mlp,
+            attn_only=False,
+            tied_embeddings=tied,
+            residual=True,
+            deepnorm=True,
         )
-    for norm, positions, mlp, tied in (
-        ("layernorm", "learned", "gelu", False),
-        ("rmsnorm", "rotary", "swiglu", False),
-        ("layernorm", "rotary", "swiglu", True),
-        ("rmsnorm", "learned", "gelu", True),
-    ):
-        configs.append(
-            dict(
-                norm=norm,
-                norm_placement="post",
-                positions=positions,
-                mlp=mlp,
-                attn_only=False,
-                tied_embeddings=tied,
-                residual=True,
-                deepnorm=True,
-            )
+        for norm, positions, mlp, tied in (
+            ("layernorm", "learned", "gelu", False),
+            ("rmsnorm", "rotary", "swiglu", False),
+            ("layernorm", "rotary", "swiglu", True),
+            ("rmsnorm", "learned", "gelu", True),
         )
-    return configs
+    ]
+    return [*base_grid(), *deepnorm, *FAMILIES.values()]
+
+
+def base_grid() -> list[dict]:
+    """norm x placement x positions x MLP (or attention-only) x tied/untied x residual on/off (96)."""
+    return [
+        dict(
+            norm=norm,
+            norm_placement=placement,
+            positions=positions,
+            mlp=mlp or "gelu",
+            attn_only=mlp is None,
+            tied_embeddings=tied,
+            residual=residual,
+        )
+        for norm, placement, positions, mlp, tied, residual in itertools.product(
+            ("layernorm", "rmsnorm"),
+            ("pre", "post"),
+            ("learned", "rotary"),
+            ("gelu", "swiglu", None),
+            (False, True),
+            (True, False),
+        )
+    ]
+
+
+_NO_BIASES = dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False, unembed_bias=False)
+_PRE_RESID = dict(norm_placement="pre", attn_only=False, residual=True)
+_LLAMA = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", tied_embeddings=False, n_kv_heads=2, **_NO_BIASES)
+# Architectures as the model families that loaded checkpoints come from combine the options (at TINY's
+# d_head = 8, n_heads = 4); between them they take every option and every value of each.
+FAMILIES: dict[str, dict] = {
+    "gpt2": dict(
+        norm="layernorm", positions="learned", mlp="gelu", tied_embeddings=True, unembed_bias=False, **_PRE_RESID
+    ),
+    # GPT-NeoX / Pythia: rotary on a quarter of each head (rotary_pct 0.25; here a half), parallel blocks, erf GELU
+    "neox": dict(
+        norm="layernorm",
+        positions="rotary",
+        rotary_dim=4,
+        mlp="gelu_exact",
+        parallel_attn=True,
+        tied_embeddings=False,
+        **_PRE_RESID,
+    ),
+    # GPT-J-like: parallel blocks and partial rotary without attention biases; here also linear rope scaling
+    "gptj_linear": dict(
+        norm="layernorm",
+        positions="rotary",
+        rotary_dim=4,
+        rope_scaling="linear",
+        rope_factor=2.0,
+        mlp="gelu",
+        parallel_attn=True,
+        qkv_bias=False,
+        attn_out_bias=False,
+        tied_embeddings=False,
+        **_PRE_RESID,
+    ),
+    "llama": dict(_LLAMA, **_PRE_RESID),
+    # Llama 3.1's scaling with a context and base at which TINY's four frequencies take every branch:
+    # wavelengths 2 pi * 100^(i/4) = 6.3 (kept, < 32/4), 19.9 (blended), 62.8 and 199 (divided, > 32/1)
+    "llama3": dict(
+        _LLAMA,
+        rotary_base=100.0,
+        rope_scaling="llama3",
+        rope_factor=4.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_n_ctx=32,
+        **_PRE_RESID,
+    ),
+    "qwen2": dict(_LLAMA, n_kv_heads=1, qkv_bias=True, tied_embeddings=True, **_PRE_RESID),
+    "mistral": dict(_LLAMA, sliding_window=5, **_PRE_RESID),  # 5 < SEQ: the window masks keys
+    # Not a real family: the new attention options under post-LN in an attention-only model
+    "post_attn_only": dict(
+        norm="layernorm",
+        norm_placement="post",
+        positions="learned",
+        mlp="gelu",
+        attn_only=True,
+        tied_embeddings=False,
+        residual=True,
+        n_kv_heads=2,
+        sliding_window=5,
+        **_NO_BIASES,
+    ),
+}
 
 
 def sample() -> list[dict]:
-    """15 configurations spread over the grid, for checks that do not need all 100: every 7th of the
-    96 (7 is coprime to their strides, so every value of every axis appears), then one DeepNorm
-    model, last: `sample()[1::3]` keeps its five configurations (tests/test_ablation.py compares them
+    """17 configurations spread over the grid, for checks that do not need all 108: every 7th of the
+    96 of `base_grid()` (7 is coprime to their strides, so every value of every axis appears), then one
+    DeepNorm model, then the Mistral-like and the GPT-NeoX-like families (grouped-query attention,
+    sliding window, no biases; parallel blocks, partial rotary, erf GELU). `sample()[1::3]` keeps six
+    configurations, the NeoX-like last, and not the DeepNorm model (tests/test_ablation.py compares them
     with tests/reference.py directly, which knows no DeepNorm; see `reference_inputs`)."""
-    configs = grid()
-    return [*[kw for kw in configs if not kw.get("deepnorm")][::7], next(kw for kw in configs if kw.get("deepnorm"))]
+    deepnorm = next(kw for kw in grid() if kw.get("deepnorm"))
+    return [*base_grid()[::7], deepnorm, FAMILIES["mistral"], FAMILIES["neox"]]
 
 
 def grid_id(kw: dict) -> str:
+    """A readable, unique test id: a family's name, or the base axes (and "deepnorm")."""
+    family = next((name for name, config in FAMILIES.items() if config == kw), None)
+    if family is not None:
+        return family
     return "-".join(
         [
             kw["norm"],

@@ -36,7 +36,7 @@ def test_a_sweeps_baseline_is_the_unablated_loss():
     assert table.baseline == A.next_token_loss(model(tokens), tokens)
 
 
-@pytest.mark.parametrize("arch", sample()[1::3], ids=grid_id)  # 5 configs: every value of every axis
+@pytest.mark.parametrize("arch", sample()[1::3], ids=grid_id)  # 6 configs: every value of every axis
 def test_zero_ablation_equals_the_write_removed_by_hand(arch):
     """Independent float64 numpy forward with the write replaced by zero (or left out)."""
     model, tokens, _, _ = built(**arch)
