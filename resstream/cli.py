@@ -16,7 +16,7 @@ from typing import Any
 
 from resstream.config import ConfigError
 from resstream.config_file import TRAIN_USAGE, UsageError, parse_train_args, train_help
-from resstream.runs import load_run, run_config
+from resstream.runs import is_hf_dir, load_model, run_config
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -76,33 +76,6 @@ def _join_hosts() -> None:
         )
     else:
         jax.distributed.initialize()
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """Whether `path` holds a Hugging Face model (a config.json with a `model_type`), not a run."""
-    try:
-        return "model_type" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def load_model(path: str | Path, step: int | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
-    """(model, tokenizer, run config) of a run directory, or of a Hugging Face model directory (loaded
-    in `dtype`, with the default run config: its data is the built-in corpus)."""
-    if not is_hf_dir(path):
-        return load_run(path, step)
-    from resstream import hf
-    from resstream.config import base_config
-
-    if step is not None:
-        raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one checkpoint")
-    try:
-        model, tokenizer = hf.load(path, dtype=dtype)
-    except hf.HFError as err:
-        raise ConfigError(str(err)) from err
-    config = base_config()
-    config.model.update(model.cfg.to_dict())
-    return model, tokenizer, config
 
 
 def sample_main(argv: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""A trained run directory (made by train.py): its config and its model at a checkpoint."""
+"""A trained run directory (made by train.py): its config and its model at a checkpoint; and any
+model a command takes, a run or a Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from resstream.checkpoint import CheckpointError, Checkpoints, CorruptCheckpointError
-from resstream.config import ConfigError, model_config, optimizer_config
+from resstream.config import ConfigError, base_config, model_config, optimizer_config
 from resstream.data import Tokenizer
 from resstream.model import Transformer
 from resstream.tokenizer import load_tokenizer
@@ -63,3 +64,29 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Transformer,
     except ConfigError as err:
         raise CheckpointError(f"the run's tokenizer cannot be loaded: {err}") from err
     return nnx.merge(graphdef, state.params), tokenizer, config
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """Whether `path` holds a Hugging Face model (a config.json with a `model_type`), not a run."""
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(path: str | Path, step: int | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
+    """(model, tokenizer, run config) of a run directory, or of a Hugging Face model directory (loaded
+    in `dtype`, with the default run config: its data is the built-in corpus)."""
+    if not is_hf_dir(path):
+        return load_run(path, step)
+    from resstream import hf
+
+    if step is not None:
+        raise ConfigError(f"--step {step}: {path} is a Hugging Face model directory, which holds one checkpoint")
+    try:
+        model, tokenizer = hf.load(path, dtype=dtype)
+    except hf.HFError as err:
+        raise ConfigError(str(err)) from err
+    config = base_config()
+    config.model.update(model.cfg.to_dict())
+    return model, tokenizer, config
