@@ -152,7 +152,9 @@ def test_sigterm_writes_a_complete_checkpoint(corpus_slice, tmp_path):
     from resstream.train import init_state, make_optimizer
 
     config = base_config()
-    config.update_from_flattened_dict({"model.n_layers": 2, "model.d_model": 32, "model.n_heads": 4, "model.n_ctx": 32})
+    # configs/tiny.py's model, as the run's own config.json records it
+    config.model.update(json.loads((tmp_path / "run" / "config.json").read_text())["model"])
+    assert (config.model.n_layers, config.model.d_model, config.model.n_ctx) == (2, 32, 32)
     cfg = model_config(config)
     _, abstract = init_state(Transformer(cfg, rngs=nnx.Rngs(0)), make_optimizer(optimizer_config(config)), 0)
     state, meta = checkpoints.restore(abstract, cfg)
