@@ -43,9 +43,11 @@ from resstream.model import Cache, Transformer
 F32 = jnp.float32
 
 
-def _bias(param: Any, shape: tuple[int, ...]) -> jax.Array:
-    """A bias parameter in float32, or zeros of `shape` for a model without it (its row is zero)."""
-    return jnp.zeros(shape, F32) if param is None else param[...].astype(F32)
+def _write_bias(param: Any, model: Transformer, layers: int | slice) -> jax.Array:
+    """A write's bias (b_O, b_out) of `layers` in float32, [d_model] or [n, d_model]: zeros for a
+    model without it, whose bias row is then zero."""
+    cfg = model.cfg
+    return (jnp.zeros((cfg.n_layers, cfg.d_model), F32) if param is None else param[...].astype(F32))[layers]
 
 
 @struct.dataclass
@@ -202,7 +204,7 @@ def _all_head_rows(model: Transformer, view: CacheView, n_layers: int) -> jax.Ar
     """[n_layers, n_heads + 1, ..., d_model]: each head's write, then b_O, for layers < n_layers."""
     W_O = model.blocks.attn.W_O[:n_layers].astype(F32)
     heads = jnp.einsum("l...he,lhed->lh...d", view["z"][:n_layers], W_O)
-    b_O = _bias(model.blocks.attn.b_O, (model.cfg.n_layers, model.cfg.d_model))[:n_layers]
+    b_O = _write_bias(model.blocks.attn.b_O, model, slice(n_layers))
     b_O = jnp.broadcast_to(b_O.reshape(n_layers, 1, *([1] * (heads.ndim - 3)), -1), (n_layers, 1, *heads.shape[2:]))
     return jnp.concatenate([heads, b_O], axis=1)
 
@@ -212,8 +214,7 @@ def head_rows(model: Transformer, view: CacheView, layer: int) -> jax.Array:
     read from a `CacheView`. `head_results` is the same from a cache, with labels."""
     W_O = model.blocks.attn.W_O[layer].astype(F32)
     heads = jnp.einsum("...he,hed->h...d", view["z"][layer], W_O)
-    b_O = _bias(model.blocks.attn.b_O, (model.cfg.n_layers, model.cfg.d_model))[layer]
-    b_O = jnp.broadcast_to(b_O, heads.shape[1:])
+    b_O = jnp.broadcast_to(_write_bias(model.blocks.attn.b_O, model, layer), heads.shape[1:])
     return jnp.concatenate([heads, b_O[None]], axis=0)
 
 
@@ -226,7 +227,7 @@ def frozen_readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.
     and no elementwise pass over [n, ..., d_model]. Returns (W_eff, row_scale [..., 1] or None,
     bias [vocab])."""
     W_U = model.unembed_matrix.astype(F32)
-    bias = _bias(model.b_U, (model.cfg.vocab_size,))
+    bias = jnp.zeros(model.cfg.vocab_size, F32) if model.b_U is None else model.b_U[...].astype(F32)
     if model.ln_final is None:  # post-LN: no final norm
         return W_U, None, bias
     W_eff = model.ln_final.w[...].astype(F32)[:, None] * W_U
@@ -398,7 +399,6 @@ def neuron_results(model: Transformer, cache: Cache, layer: int, *, pos: Index =
     view = CacheView(cache, batch, pos)
     W_out = model.blocks.mlp.W_out[layer].astype(F32)
     neurons = jnp.einsum("...n,nd->n...d", view["mlp_post"][layer], W_out)
-    b_out = _bias(model.blocks.mlp.b_out, (model.cfg.n_layers, model.cfg.d_model))[layer]
-    b_out = jnp.broadcast_to(b_out, neurons.shape[1:])
+    b_out = jnp.broadcast_to(_write_bias(model.blocks.mlp.b_out, model, layer), neurons.shape[1:])
     labels = [f"L{layer}N{n}" for n in range(model.cfg.d_mlp)] + [f"L{layer}_b_out"]
     return Labelled(jnp.concatenate([neurons, b_out[None]], axis=0), tuple(labels))
