@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resstream.attention import causal_attention
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
 from resstream.rotary import apply_rotary
@@ -96,8 +97,7 @@ class Attention(nnx.Module):
         h, kv, d, e, pdt = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head, cfg.params_dtype
         self.dtype = cfg.compute_dtype
         self.implementation = attention_implementation(cfg)
-        # (left, right) positions each query may see besides itself: a sliding window looks back W - 1
-        self.window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+        self.sliding_window = cfg.sliding_window
         self.W_Q = normal_param(rngs, (h, d, e), cfg.init_std, pdt)
         self.W_K = normal_param(rngs, (kv, d, e), cfg.init_std, pdt)
         self.W_V = normal_param(rngs, (kv, d, e), value_std(cfg), pdt)
@@ -129,14 +129,12 @@ class Attention(nnx.Module):
         q, k, v = project(self.W_Q, self.b_Q), project(self.W_K, self.b_K), project(self.W_V, self.b_V)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        # z always comes from jax.nn.dot_product_attention: cuDNN's fused (flash) attention on an
-        # NVIDIA GPU, XLA's elsewhere; it groups query heads over key/value heads itself. The pattern,
-        # when recorded, is computed beside it for the record only, so recording cannot change the logits.
-        z = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, local_window_size=self.window, implementation=self.implementation
-        ).astype(dt)
+        # z always comes from causal_attention: cuDNN's fused (flash) attention on an NVIDIA GPU,
+        # XLA ops with a flash-style backward elsewhere. The pattern, when recorded, is computed
+        # beside it for the record only, so recording cannot change the logits.
+        z = causal_attention(q, k, v, self.sliding_window, self.implementation).astype(dt)
         z = constrain(z, BATCH_AXES, None, "tensor", None)
-        pattern = _causal_pattern(q, k, self.window) if want_pattern else None
+        pattern = _causal_pattern(q, k, self.sliding_window) if want_pattern else None
         if edit_z is not None:
             z = edit_z(z)
         out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
@@ -144,7 +142,7 @@ class Attention(nnx.Module):
         return out.reshape(batch, seq, d_model), z, pattern
 
 
-def _causal_pattern(q: jax.Array, k: jax.Array, window: tuple[int, int] | None) -> jax.Array:
+def _causal_pattern(q: jax.Array, k: jax.Array, window: int | None) -> jax.Array:
     """Attention weights [batch, n_heads, seq_q, seq_k] (float32) of q [batch, seq, n_heads, d_head]
     and k [batch, seq, n_kv_heads, d_head]."""
     seq = q.shape[1]
@@ -152,7 +150,7 @@ def _causal_pattern(q: jax.Array, k: jax.Array, window: tuple[int, int] | None) 
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     visible = jnp.tril(jnp.ones((seq, seq), dtype=bool))
     if window is not None:
-        visible &= jnp.triu(jnp.ones((seq, seq), dtype=bool), -window[0])
+        visible &= jnp.triu(jnp.ones((seq, seq), dtype=bool), 1 - window)
     return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
 
 
