@@ -37,10 +37,9 @@ def _inputs(seq: int, heads: int, kv_heads: int, d_head: int = 8, batch: int = 2
 
 
 CASES = [  # (seq, heads, kv_heads, window)
-    (21, 4, 4, None),  # multi-head, a sequence that is not a multiple of the block
-    (21, 4, 2, None),  # grouped-query
-    (21, 4, 1, 5),  # multi-query with a sliding window shorter than a block
-    (32, 2, 2, 12),  # a window longer than a block
+    (21, 4, 2, None),  # grouped-query, a sequence that is not a multiple of the block
+    (21, 2, 1, 5),  # multi-query with a sliding window shorter than a block
+    (32, 2, 2, 12),  # multi-head, a window longer than a block
 ]
 
 
@@ -63,17 +62,6 @@ def test_values_and_gradients_equal_a_float64_masked_softmax(monkeypatch, seq, h
         plus[index], minus[index] = args[index] + eps * direction, args[index] - eps * direction
         numeric = np.sum((_reference(*plus, window) - _reference(*minus, window)) * np.asarray(dz)) / (2 * eps)
         np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), numeric, rtol=1e-4)
-    reference_grads = jax.grad(
-        lambda q, k, v: jnp.sum(
-            jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0)
-            )
-            * dz
-        ),
-        argnums=(0, 1, 2),
-    )(q, k, v)
-    for ours, theirs in zip(grads, reference_grads, strict=True):
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_blocks_cover_every_query_once_and_only_the_keys_it_may_see(monkeypatch):
