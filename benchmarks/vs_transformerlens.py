@@ -33,9 +33,8 @@ import numpy as np
 from flax import nnx
 from forward import SHAPES, config
 
-from resstream import Transformer
+from resstream import Transformer, analysis
 from resstream import ablation as ablation_api
-from resstream import analysis
 
 HAVE_TL = all(importlib.util.find_spec(name) for name in ("torch", "transformer_lens"))
 
@@ -136,13 +135,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,big")
     args = parser.parse_args()
     if HAVE_TL:
-        import torch
-        import transformer_lens
+        from importlib.metadata import version
 
-        print(f"jax {jax.__version__}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-              f"transformer-lens {transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?'}")  # fmt: skip
+        print(f"jax {jax.__version__}, torch {version('torch')}, transformer-lens {version('transformer-lens')}")
     else:
-        print('torch or transformer-lens<4 is missing: resstream alone (pip install torch==2.13.0 "transformer-lens<4")')
+        print("torch or transformer-lens<4 is missing: resstream's column alone")
     print(f"{'shape':6} {'operation':16} {'TransformerLens':>15} {'resstream':>10} {'TL / ours':>9}")
     for name in args.shapes.split(","):
         shape = SHAPES[name]
