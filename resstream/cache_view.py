@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from resstream.memory import run_within
 from resstream.model import LAYER_RECORDS, Cache, TokenError, Transformer
@@ -161,11 +160,10 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
                 static.append((name, _Slice(value.start, value.stop, value.step)))
             else:
                 static.append((name, value))
-        graphdef, state = nnx.split(model)
         out = run_within(
             _run_compiled,
-            (state, cache, traced),
-            {"fn": fn, "graphdef": graphdef, "static": tuple(static)},
+            (model, cache, traced),  # the model is a pytree: its structure keys the compile
+            {"fn": fn, "static": tuple(static)},
             budget=memory_budget,
             what=fn.__name__,
             hint=": select less with pos= (one position, or a few) or batch=",
@@ -177,12 +175,12 @@ def compiled_analysis(fn: Callable | None = None, *, token_args: tuple[str, ...]
     return wrapper
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "graphdef", "static"))
-def _run_compiled(state: Any, cache: Cache, traced: dict, *, fn: Callable, graphdef: Any, static: tuple) -> Any:
+@functools.partial(jax.jit, static_argnames=("fn", "static"))
+def _run_compiled(model: Transformer, cache: Cache, traced: dict, *, fn: Callable, static: tuple) -> Any:
     kwargs = dict(traced)
     for name, value in static:
         kwargs[name] = slice(value.start, value.stop, value.step) if isinstance(value, _Slice) else value
-    return fn(nnx.merge(graphdef, state), cache, **kwargs)
+    return fn(model, cache, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- checking

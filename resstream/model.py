@@ -307,12 +307,11 @@ class Transformer(nnx.Module):
         tokens = check_tokens(tokens, self.cfg)  # outside jit, where a bad id can still raise
         if (ablation is None) != (replacement is None):
             raise ValueError("an ablation needs its replacement values and vice versa: pass both or neither")
-        graphdef, state = nnx.split(self)
-        with mesh_context((state, tokens)):  # a sharded model pins its activations on its mesh
+        with mesh_context((self, tokens)):  # a sharded model pins its activations on its mesh
             return run_within(
                 _compiled_forward,
-                (state, tokens, rng, (ablation, replacement)),
-                {"graphdef": graphdef, "mode": mode, "record": tuple(record)},
+                (self, tokens, rng, (ablation, replacement)),  # the model is a pytree
+                {"mode": mode, "record": tuple(record)},
                 budget=memory_budget,
                 what=f"run_with_cache(mode={mode!r}) on tokens {tuple(tokens.shape)}",
                 hint=": run fewer or shorter sequences, or record less (mode='off' or 'stats', fewer `record`s)",
@@ -388,14 +387,13 @@ def _batch_split(name: str, record: jax.Array) -> jax.Array:
     return constrain(record, *lead, *[FREE] * (record.ndim - len(lead)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "record"))
+@functools.partial(jax.jit, static_argnames=("mode", "record"))
 def _compiled_forward(
-    state: nnx.State,
+    model: Transformer,
     tokens: jax.Array,
     rng: jax.Array | None,
     intervention: tuple[Ablation | None, Replacement | None],
     *,
-    graphdef: nnx.GraphDef,
     mode: str,
     record: tuple,
 ) -> tuple[jax.Array, Cache]:
@@ -403,5 +401,4 @@ def _compiled_forward(
     eagerly from a notebook it costs one compiled call, not a trace of the scan each time; inside a
     user's jit or grad it simply inlines."""
     ablation, replacement = intervention
-    model = nnx.merge(graphdef, state)
     return model.forward(tokens, mode=mode, record=record, rng=rng, ablation=ablation, replacement=replacement)
