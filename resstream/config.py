@@ -96,9 +96,9 @@ class ModelConfig:
     # gradients are the same. "dots" is the default: on XLA's CPU backend the backward scan over
     # stored activations is slow (benchmarks/train_throughput.py).
     remat: str = "dots"
-    # The implementation of jax.nn.dot_product_attention that computes z: "auto" takes cuDNN's fused
-    # (flash) attention on an NVIDIA GPU where cuDNN takes the shapes (16-bit compute, d_head a
-    # multiple of 8 up to 128) and XLA's everywhere else; "xla" or "cudnn" insist on one.
+    # The attention that computes z (resstream/attention.py): "auto" takes cuDNN's fused (flash)
+    # attention on an NVIDIA GPU where cuDNN takes the shapes (16-bit compute, d_head a multiple of 8
+    # up to 128), and XLA ops with a flash-style backward everywhere else; "xla" or "cudnn" insist on one.
     attention: str = "auto"
 
     def __post_init__(self) -> None:

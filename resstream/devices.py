@@ -10,10 +10,10 @@ from resstream.config import ConfigError, ModelConfig
 
 
 def attention_implementation(cfg: ModelConfig, device: Any = None) -> str:
-    """The `jax.nn.dot_product_attention` implementation for `cfg` on `device` (default: the first
-    device): `cfg.attention` unless "auto", which takes "cudnn" on an NVIDIA GPU when cuDNN's fused
-    attention takes the shapes (16-bit compute, d_head a multiple of 8 up to 128), else "xla".
-    jax's own default (implementation=None) is XLA's everywhere, GPUs included."""
+    """The attention implementation (`resstream.attention.causal_attention`) for `cfg` on `device`
+    (default: the first device): `cfg.attention` unless "auto", which takes "cudnn" on an NVIDIA GPU
+    when cuDNN's fused attention takes the shapes (16-bit compute, d_head a multiple of 8 up to 128),
+    else "xla" (XLA ops with a flash-style backward)."""
     device = jax.devices()[0] if device is None else device
     nvidia = device.platform in ("gpu", "cuda") and "nvidia" in device.device_kind.lower()
     if cfg.attention == "cudnn" and not nvidia:
