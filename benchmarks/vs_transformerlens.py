@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from forward import SHAPES, config
+from forward import SHAPES, config, time_interleaved
 
 from resstream import Transformer, analysis
 from resstream import ablation as ablation_api
@@ -64,19 +62,6 @@ def hooked_transformer(model: Transformer):
     hooked = HookedTransformer(tl_cfg)
     hooked.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=False, center_unembed=False)
     return hooked.eval()
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved, after one warm-up call each."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def ours(model: Transformer, tokens: jax.Array, targets: jax.Array) -> dict[str, Callable[[], object]]:
