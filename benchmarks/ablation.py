@@ -23,7 +23,11 @@ its two unpatched runs whole, so its ratio can only be worse than the full grid'
 at the big shape (3,072 cells) takes tens of minutes on a 2-core CPU.
 and prints grid / loop (target: at most 0.6 at every shape).
 
+With `--depths 4,48`: at the small shape's width and each depth, the sweep's compile time (its first
+call less a later one; target: 48 layers at most 2x 4 layers) and sweep / loop.
+
     python benchmarks/ablation.py [--reps 5] [--shapes small,big] [--json out.json]
+    python benchmarks/ablation.py --depths 4,48 [--reps 2]
     python benchmarks/ablation.py --patching [--shapes small,big,gpt2vocab] [--reps 3] [--loop-cells 16]
         [--positions K]
 """
@@ -164,6 +168,31 @@ def main_patching(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def measure_depths(depths: list[int], reps: int) -> list[dict]:
+    """At the small shape's width, for each depth: the sweep's compile (its first call less a
+    later one), and sweep / loop as in `measure`."""
+    results = []
+    for n_layers in depths:
+        shape = {**SHAPES["small"], "n_layers": n_layers}
+        model = Transformer(config(shape), rngs=nnx.Rngs(0))
+        tokens = jax.random.randint(jax.random.key(1), (shape["batch"], shape["seq"]), 0, model.cfg.vocab_size)
+        labels = interventions.component_labels(model.cfg, "sublayers")
+
+        def sweep(model=model, tokens=tokens):
+            return A.ablation_sweep(model, tokens, "sublayers", direct=False).total
+
+        def loop(model=model, tokens=tokens, labels=labels):
+            baseline = A.ablate(model, tokens, []).loss
+            return [A.ablate(model, tokens, [label]).loss - baseline for label in labels]
+
+        start = time.perf_counter()
+        jax.block_until_ready(sweep())
+        first = time.perf_counter() - start
+        times = time_interleaved({"sweep": sweep, "loop": loop}, reps)
+        results.append({"n_layers": n_layers, "compile_s": first - times["sweep"], **times})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
@@ -172,8 +201,19 @@ def main() -> None:
     parser.add_argument("--patching", action="store_true", help="the patching grid against a loop instead")
     parser.add_argument("--loop-cells", type=int, default=16)
     parser.add_argument("--positions", type=int, default=None, help="patch only this many positions")
+    parser.add_argument("--depths", default=None, help="e.g. 4,48: the sweep's compile and ratio by depth instead")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    if args.depths:
+        rows = measure_depths([int(d) for d in args.depths.split(",")], args.reps)
+        for r in rows:
+            print(
+                f"{r['n_layers']:4d} layers: sweep compile {r['compile_s']:6.2f} s "
+                f"({r['compile_s'] / rows[0]['compile_s']:.2f}x the first, target <= 2)"
+                f"   sweep {r['sweep'] * 1e3:8.1f} ms   loop {r['loop'] * 1e3:8.1f} ms"
+                f"   sweep/loop {r['sweep'] / r['loop']:.3f} (target <= 0.6)"
+            )
+        return
     results = main_patching(args) if args.patching else []
     for name in [] if args.patching else args.shapes.split(","):
         r = measure(name, args.reps)

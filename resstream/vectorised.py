@@ -14,9 +14,13 @@ sublayer (vmapped, or mapped in chunks with `jax.lax.map`), which bounds the tem
 jobs are split into groups of at most `lanes` lanes that run one after another (`jax.lax.map` over
 groups), which bounds the streams carried: every group has the same structure (how many of its
 lanes join at each sublayer), so one compiled body serves them all; a group short of a job of some
-structure repeats one, and the repeat's result is dropped. The sublayers are unrolled, because the
-number of lanes grows from one sublayer to the next and a scan cannot express that; so, unlike the
-model's forward pass, compile time here grows with depth.
+structure repeats one, and the repeat's result is dropped.
+
+The lanes grow from one sublayer to the next, which a scan cannot express: shallow models unroll
+their sublayers. Deeper ones (over UNROLLED_LAYERS layers) cut all layers but the last into at most
+JOIN_BLOCKS blocks, each one `jax.lax.scan` over its layers with a fixed set of lanes; a job joins
+at its block's first layer (the layers before its first change leave it as it was), so compile time
+stays flat in depth for a little more work.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from flax import nnx
 from resstream.interventions import Ablation, Replacement
 from resstream.model import Cache, Transformer
 from resstream.stream import ResidualStream
+
+# Deeper models run their layers in at most JOIN_BLOCKS scanned blocks (benchmarks/ablation.py --depths).
+UNROLLED_LAYERS = 8
+JOIN_BLOCKS = 6
 
 # Bytes of temporaries that the lanes evaluated at once should take, for speed: on CPU a chunk's
 # attention scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
@@ -172,6 +180,29 @@ def make_groups(schedule: Schedule, lanes: int) -> Groups:
     return Groups(Schedule(starts, cheap, patch_layers), members.reshape(n_groups, n_slots), where)
 
 
+def join_blocks(model: Transformer, schedule: Schedule) -> list[tuple[int, int]]:
+    """The scanned blocks of layers (first, stop) for `schedule`: none for a shallow model or for
+    patching (a patch lands mid-block), else at most JOIN_BLOCKS blocks covering every layer but the last."""
+    n_layers = model.cfg.n_layers
+    if n_layers <= UNROLLED_LAYERS or any(p >= 0 for p in schedule.patch_layers):
+        return []
+    bounds = np.unique(np.linspace(0, n_layers - 1, JOIN_BLOCKS + 1).round().astype(int))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def _joined_at_blocks(model: Transformer, schedule: Schedule, blocks: list[tuple[int, int]]) -> Schedule:
+    """`schedule` with every job that starts inside a block moved to the block's first sublayer (not
+    cheap there: its first change is later)."""
+    per_layer = model.cfg.sublayers_per_layer
+    starts, cheap = list(schedule.starts), list(schedule.cheap)
+    for j, start in enumerate(schedule.starts):
+        for first, stop in blocks:
+            if first * per_layer <= start < stop * per_layer:
+                moved = first * per_layer
+                starts[j], cheap[j] = moved, cheap[j] and moved == start
+    return dataclasses.replace(schedule, starts=tuple(starts), cheap=tuple(cheap))
+
+
 def _map_lanes(fn: Callable, xs: Any, chunk: int) -> Any:
     n = jax.tree.leaves(xs)[0].shape[0]
     if n <= chunk:
@@ -278,6 +309,40 @@ class _Lanes:
             self.streams = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
             self.jobs = computed + known
 
+    def run_block(self, first: int, stop: int) -> None:
+        """Let the jobs that start at layer `first` join, then run layers first..stop-1 on every
+        lane as one scan over those layers' weights and each lane's masks."""
+        cfg = self.model.cfg
+        k = first * cfg.sublayers_per_layer
+        new = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == k]
+        if new:
+            x = self.entering(new, k)
+            self.streams = x if self.streams is None else jnp.concatenate([self.streams, x])
+            self.jobs = self.jobs + new
+        if not self.jobs:
+            return
+        graphdef, weights = nnx.split(self.model.blocks)
+        layers = slice(first, stop)
+        # per layer: [stop - first, lanes, ...] masks, [stop - first, ...] replacement values
+        masks = jax.tree.map(lambda m: jnp.moveaxis(m[np.array(self.jobs), layers], 1, 0), self.ablation)
+        values = jax.tree.map(lambda v: v[layers], self.replacement)
+        rope = self.model.rope(self.streams.shape[2])
+
+        def layer(streams: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
+            layer_weights, layer_masks, layer_values = xs
+            block = nnx.merge(graphdef, layer_weights)
+
+            def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
+                stream = ResidualStream(
+                    resid, {}, lane_ablation, layer_values, residual=cfg.residual, carry_scale=cfg.residual_scale
+                )
+                return block(stream, rope).resid
+
+            return _map_lanes(one, (streams, layer_masks), self.chunk_size), None
+
+        per_layer = (jax.tree.map(lambda w: w[layers], weights), masks, values)
+        self.streams, _ = jax.lax.scan(layer, self.streams, per_layer)
+
     def finish(self) -> None:
         """Jobs that change nothing join at the end, as the base run's final stream."""
         n = self.model.cfg.n_sublayers
@@ -314,13 +379,17 @@ def run_lanes(
     job's patched layer, at the positions marked True.
     plan: how many lanes are carried (per group) and evaluated at once.
     """
-    groups = make_groups(schedule, plan.lanes)
+    blocks = join_blocks(model, schedule)
+    groups = make_groups(_joined_at_blocks(model, schedule, blocks), plan.lanes)
     ablation = jax.tree.map(lambda m: m[groups.members], ablation)  # [n_groups, n_slots, ...]
     positions = None if patch_positions is None else patch_positions[groups.members]
+    unrolled_from = blocks[-1][1] * model.cfg.sublayers_per_layer if blocks else 0
 
     def group(xs: tuple[Ablation, jax.Array | None]) -> Any:
         lanes = _Lanes(model, base, xs[0], replacement, groups.slots, source, xs[1], plan.chunk, read_last)
-        for k in range(model.cfg.n_sublayers):
+        for first, stop in blocks:
+            lanes.run_block(first, stop)
+        for k in range(unrolled_from, model.cfg.n_sublayers):
             lanes.step(k)
         lanes.finish()
         out = _map_lanes(readout, (lanes.streams,), plan.chunk)

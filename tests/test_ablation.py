@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import built, grid_id, max_rel_err, roundoff_tolerance, sample
 from reference import reference_logits
 from resstream import ablation as A  # noqa: N812
-from resstream import analysis, interventions
+from resstream import analysis, interventions, memory, vectorised
 
 
 def _loss(logits, tokens) -> float:
@@ -218,3 +218,29 @@ def test_a_bfloat16_model_sweeps_like_its_single_ablations():
     single = [float(A.ablate(model, tokens, [c], method="mean").loss) for c in table.labels]
     assert np.all(np.isfinite(table.direct))
     assert max_rel_err(table.loss, single) < 1e-2  # bfloat16 activations, fused differently
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [{}, {"parallel_attn": True, "positions": "rotary"}, {"norm_placement": "post", "mlp": "swiglu"}],
+    ids=["pre", "parallel", "post"],
+)
+def test_a_deep_models_sweep_runs_in_scanned_blocks_and_equals_single_ablations(monkeypatch, arch):
+    """A model deeper than UNROLLED_LAYERS sweeps in scanned blocks, its jobs joining at a block's
+    first layer (here the 3 layers as one block of layers 0-1, the last unrolled): every row still
+    equals its single ablation, for heads, sublayers and layers, zero, mean and delete."""
+    monkeypatch.setattr(vectorised, "UNROLLED_LAYERS", 1)
+    monkeypatch.setattr(vectorised, "JOIN_BLOCKS", 1)
+    jax.clear_caches()  # programs compiled unblocked by earlier tests must not be reused
+    monkeypatch.setattr(memory, "_compiled", type(memory._compiled)())
+    model, tokens, _, _ = built(**arch)
+    assert vectorised.join_blocks(model, vectorised.Schedule((0,), (False,), (-1,))) == [(0, 2)]
+    for granularity, method in (("heads", "zero"), ("sublayers", "mean"), ("layers", "delete")):
+        table = A.ablation_sweep(model, tokens, granularity, method=method, group_size=2)
+        single = [float(A.ablate(model, tokens, [label], method=method).loss) for label in table.labels]
+        assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg), (granularity, method)
+    curve = A.deletion_curve(model, tokens, draws=2, seed=3)
+    for deleted, loss in zip(curve.deleted, curve.loss, strict=True):
+        single = A.ablate(model, tokens, [f"L{layer}" for layer in deleted], method="delete").loss
+        assert abs(float(loss) - float(single)) <= 1e-5 * abs(float(single))
+    jax.clear_caches()
