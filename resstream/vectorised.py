@@ -38,8 +38,9 @@ from resstream.interventions import Ablation, Replacement
 from resstream.model import Cache, Transformer
 from resstream.stream import ResidualStream
 
-# Deeper models run their layers in at most JOIN_BLOCKS scanned blocks (benchmarks/ablation.py --depths).
-UNROLLED_LAYERS = 8
+# Deeper models run their layers in at most JOIN_BLOCKS scanned blocks (benchmarks/ablation.py --depths);
+# blocked at 12 layers a sweep did more work than unrolled, at 48 it compiles in 2.5x a 4-layer one, not 12x.
+UNROLLED_LAYERS = 16
 JOIN_BLOCKS = 6
 
 # Bytes of temporaries that the lanes evaluated at once should take, for speed: on CPU a chunk's
