@@ -39,7 +39,7 @@ from resstream.model import Cache, Transformer
 from resstream.stream import ResidualStream
 
 # Deeper models run their layers in at most JOIN_BLOCKS scanned blocks (benchmarks/ablation.py --depths);
-# blocked at 12 layers a sweep did more work than unrolled, at 48 it compiles in 2.5x a 4-layer one, not 12x.
+# blocked at 12 layers a sweep did more work than unrolled (0.640 of the loop against 0.546).
 UNROLLED_LAYERS = 16
 JOIN_BLOCKS = 6
 
