@@ -1,7 +1,7 @@
 """resstream against TransformerLens on the same weights: run_with_cache, the per-component logits
 with direct logit attribution, and a zero-ablation sweep of every sublayer.
 
-    python benchmarks/vs_transformerlens.py [--reps 10] [--shapes small,big]
+    python benchmarks/vs_transformerlens.py [--reps 6] [--rounds 3] [--shapes small,big]
 
 Needs `torch` and `transformer-lens<4` (HookedTransformer), neither a dependency of resstream:
     pip install torch==2.13.0 "transformer-lens<4"
@@ -16,13 +16,21 @@ unchanged), and the two are checked to agree before anything is timed. What each
                    `cache.logit_attrs(stack, targets)`
   sweep            ours: `ablation_sweep(model, tokens, "sublayers", direct=False)`; TL: the baseline
                    loss and one `run_with_hooks` per sublayer with its hook_{attn,mlp}_out zeroed
-Calls interleaved, medians; TL under torch.inference_mode. Printed: the times and TL / ours.
+Each framework times its calls in a process of its own (in one process, PyTorch's threads
+spin-waiting after a call slowed the JAX call after it, and making them passive slowed PyTorch),
+the two alternating for `--rounds` rounds; medians. TL under torch.inference_mode. Printed: the
+times and TL / ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
 from collections.abc import Callable
 
 import jax
@@ -114,34 +122,66 @@ def check_agreement(model: Transformer, hooked, tokens: jax.Array, targets: jax.
     return max(np.abs(logits_ours - logits_theirs).max(), np.abs(sweep_ours - sweep_theirs).max())
 
 
+def inputs(name: str) -> tuple[Transformer, jax.Array, jax.Array]:
+    """The model (the same weights in every process: seeded) and its tokens and targets at `name`."""
+    shape = SHAPES[name]
+    model = Transformer(config(shape), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (shape["batch"], shape["seq"]), 0, model.cfg.vocab_size)
+    return model, tokens, jnp.roll(tokens, -1, axis=1)
+
+
+def worker(framework: str, name: str, reps: int) -> dict[str, float]:
+    """Median seconds of each operation for one framework, in this process alone."""
+    model, tokens, targets = inputs(name)
+    if framework == "resstream":
+        fns = ours(model, tokens, targets)
+    else:
+        fns = theirs(hooked_transformer(model), np.asarray(tokens), np.asarray(targets))
+    return time_interleaved(fns, reps)
+
+
+def run_worker(framework: str, name: str, reps: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", framework, "--shapes", name, "--reps", str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        raise SystemExit(f"{framework} on {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default="small,big")
+    parser.add_argument("--worker", choices=("resstream", "transformerlens"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.shapes, args.reps)))
+        return
+    frameworks = ["resstream", "transformerlens"] if HAVE_TL else ["resstream"]
     if HAVE_TL:
         from importlib.metadata import version
 
         print(f"jax {jax.__version__}, torch {version('torch')}, transformer-lens {version('transformer-lens')}")
+        for name in args.shapes.split(","):
+            model, tokens, targets = inputs(name)
+            agree = check_agreement(model, hooked_transformer(model), tokens, targets)
+            print(f"{name}: logits and sweep deltas agree to {agree:.1e}")
     else:
         print("torch or transformer-lens<4 is missing: resstream's column alone")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for name in args.shapes.split(","):
+            reps = max(2, args.reps // 3) if name == "big" else args.reps
+            for framework in frameworks:
+                results.setdefault((framework, name), []).append(run_worker(framework, name, reps))
+    print(f"medians over {args.rounds} rounds, each framework in its own process")
     print(f"{'shape':6} {'operation':16} {'TransformerLens':>15} {'resstream':>10} {'TL / ours':>9}")
     for name in args.shapes.split(","):
-        shape = SHAPES[name]
-        model = Transformer(config(shape), rngs=nnx.Rngs(0))
-        tokens = jax.random.randint(jax.random.key(1), (shape["batch"], shape["seq"]), 0, model.cfg.vocab_size)
-        targets = jnp.roll(tokens, -1, axis=1)
-        fns = {("ours", op): fn for op, fn in ours(model, tokens, targets).items()}
-        if HAVE_TL:
-            hooked = hooked_transformer(model)
-            print(f"{name}: logits and sweep deltas agree to {check_agreement(model, hooked, tokens, targets):.1e}")
-            fns |= {("tl", op): fn for op, fn in theirs(hooked, np.asarray(tokens), np.asarray(targets)).items()}
-        reps = max(2, args.reps // 3) if name == "big" else args.reps
-        times = time_interleaved(fns, reps)
         for op in ("run_with_cache", "decompose+attrs", "sweep"):
-            mine = times[("ours", op)]
+            mine = statistics.median(r[op] for r in results[("resstream", name)])
             if HAVE_TL:
-                tl = times[("tl", op)]
+                tl = statistics.median(r[op] for r in results[("transformerlens", name)])
                 print(f"{name:6} {op:16} {1e3 * tl:13.1f}ms {1e3 * mine:8.1f}ms {tl / mine:9.2f}")
             else:
                 print(f"{name:6} {op:16} {'-':>15} {1e3 * mine:8.1f}ms {'-':>9}")
