@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import run_json
 
 SHAPES = {
     "small": dict(n_layers=4, n_heads=4, d_model=128, seq=64, batch=12),  # nanoGPT's CPU example
@@ -78,18 +78,6 @@ def time_pytorch(shape: dict, steps: int) -> dict:
     return {"step_s": statistics.median(times), "threads": torch.get_num_threads()}
 
 
-def run_worker(framework: str, shape: str, steps: int) -> dict:
-    """One measurement in a fresh process; returns its JSON result."""
-    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    cmd = [sys.executable, __file__, "--worker", framework, "--shapes", shape, "--steps", str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{framework} on {shape} failed:\n{proc.stderr[-3000:]}")
-    out = proc.stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
@@ -110,7 +98,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for shape in args.shapes.split(","):
             for framework in frameworks:
-                results.setdefault((framework, shape), []).append(run_worker(framework, shape, args.steps))
+                results.setdefault((framework, shape), []).append(
+                    run_json(__file__, "--worker", framework, "--shapes", shape, "--steps", str(args.steps))
+                )
     print(f"median step time over {args.rounds} rounds x {args.steps} steps, one process each, interleaved")
     header = f"{'shape':8} {'layers x d, batch x seq':>24} {'nanoGPT':>9} {'resstream':>10} {'ratio':>6}"
     print(f"{header} {'first step':>10}")

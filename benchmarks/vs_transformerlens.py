@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
-import sys
 from collections.abc import Callable
 
 import jax
@@ -38,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from forward import SHAPES, config, time_interleaved
+from processes import run_json
 
 from resstream import Transformer, analysis
 from resstream import ablation as ablation_api
@@ -140,14 +138,6 @@ def worker(framework: str, name: str, reps: int) -> dict[str, float]:
     return time_interleaved(fns, reps)
 
 
-def run_worker(framework: str, name: str, reps: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--worker", framework, "--shapes", name, "--reps", str(reps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if proc.returncode:
-        raise SystemExit(f"{framework} on {name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=6)
@@ -174,7 +164,9 @@ def main() -> None:
         for name in args.shapes.split(","):
             reps = max(2, args.reps // 3) if name == "big" else args.reps
             for framework in frameworks:
-                results.setdefault((framework, name), []).append(run_worker(framework, name, reps))
+                results.setdefault((framework, name), []).append(
+                    run_json(__file__, "--worker", framework, "--shapes", name, "--reps", str(reps))
+                )
     print(f"medians over {args.rounds} rounds, each framework in its own process")
     print(f"{'shape':6} {'operation':16} {'TransformerLens':>15} {'resstream':>10} {'TL / ours':>9}")
     for name in args.shapes.split(","):
