@@ -35,11 +35,12 @@ from resstream.interventions import (
     stack,
     zero_replacement,
 )
+from resstream.lane_plan import LanePlan, Schedule, make_schedule, plan_lanes
 from resstream.losses import next_token_loss
 from resstream.memory import resolve_budget, run_within
 from resstream.model import Cache, Transformer, check_tokens
 from resstream.sharding import mesh_context
-from resstream.vectorised import LanePlan, Schedule, make_schedule, plan_lanes, run_lanes
+from resstream.vectorised import run_lanes
 
 
 # ------------------------------------------------------------------------------ one ablation

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,18 @@ def _attention_bwd(window, residuals, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def remat_policy(remat: str) -> Callable[..., bool] | None:
+    """What a layer's backward pass keeps (`ModelConfig.remat`): "dots" keeps the matmul outputs
+    and attention's z and log-sum-exp (its backward's residuals, so attention is not run again);
+    "full" keeps nothing but the layer's input."""
+    if remat == "full":
+        return None
+    policies = jax.checkpoint_policies
+    return policies.save_from_both_policies(
+        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(*ATTENTION_RESIDUALS)
+    )
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resstream.attention import ATTENTION_RESIDUALS
+from resstream.attention import remat_policy
 from resstream.config import SUBLAYER_NORM, ModelConfig
 from resstream.layers import MLP, Attention, Norm, add_bias, bias_param, dropout, normal_param
 from resstream.memory import run_within
@@ -352,7 +352,7 @@ class Transformer(nnx.Module):
             return constrain(layer_stream.resid, BATCH_AXES, None, None), layer_stream.records
 
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat))
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat))
         resid, layer_records = jax.lax.scan(body, constrain(stream.resid, BATCH_AXES, None, None), per_layer)
         logits, final_scale = self.unembed(resid)
         logits = constrain(logits, BATCH_AXES, None, None)
@@ -367,18 +367,6 @@ class Transformer(nnx.Module):
         elif mode == "stats":
             cache = dict(layer_records)
         return logits, cache
-
-
-def _remat_policy(remat: str) -> Callable[..., bool] | None:
-    """What the backward pass keeps of a layer: "dots" keeps the matmul outputs and attention's
-    output and log-sum-exp (the residuals of its own backward, so attention is not run again);
-    "full" keeps nothing but the layer's input."""
-    if remat == "full":
-        return None
-    policies = jax.checkpoint_policies
-    return policies.save_from_both_policies(
-        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(*ATTENTION_RESIDUALS)
-    )
 
 
 def _batch_split(name: str, record: jax.Array) -> jax.Array:

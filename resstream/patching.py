@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx, struct
 
 from resstream.interventions import AblationError, no_ablation, stack, zero_replacement
+from resstream.lane_plan import LanePlan, Schedule, make_schedule, plan_lanes
 from resstream.memory import resolve_budget, run_within
 from resstream.model import Transformer, check_tokens
 from resstream.sharding import mesh_context
-from resstream.vectorised import LanePlan, Schedule, make_schedule, plan_lanes, run_lanes
+from resstream.vectorised import run_lanes
 
 
 @struct.dataclass

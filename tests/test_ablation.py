@@ -10,7 +10,7 @@ from flax import nnx
 from conftest import built, grid_id, max_rel_err, roundoff_tolerance, sample
 from reference import reference_logits
 from resstream import ablation as A  # noqa: N812
-from resstream import analysis, interventions, memory, vectorised
+from resstream import analysis, interventions, lane_plan, memory
 
 
 def _loss(logits, tokens) -> float:
@@ -233,12 +233,12 @@ def test_a_deep_models_sweep_runs_in_scanned_blocks_and_equals_single_ablations(
     """A model deeper than UNROLLED_LAYERS sweeps in scanned blocks, its jobs joining at a block's
     first layer (here the 3 layers as one block of layers 0-1, the last unrolled): every row still
     equals its single ablation, and so does every draw of a deletion curve."""
-    monkeypatch.setattr(vectorised, "UNROLLED_LAYERS", 1)
-    monkeypatch.setattr(vectorised, "JOIN_BLOCKS", 1)
+    monkeypatch.setattr(lane_plan, "UNROLLED_LAYERS", 1)
+    monkeypatch.setattr(lane_plan, "JOIN_BLOCKS", 1)
     monkeypatch.setattr(memory, "_compiled", type(memory._compiled)())
     model, tokens, _, _ = built(**arch)
     tokens = tokens[:, :9]  # a length no other sweep uses: no program compiled unblocked is reused
-    assert vectorised.join_blocks(model, vectorised.Schedule((0,), (False,), (-1,))) == [(0, 2)]
+    assert lane_plan.join_blocks(model, lane_plan.Schedule((0,), (False,), (-1,))) == [(0, 2)]
     table = A.ablation_sweep(model, tokens, granularity, method=method, group_size=2)
     single = [float(A.ablate(model, tokens, [label], method=method).loss) for label in table.labels]
     assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg)

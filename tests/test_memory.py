@@ -8,8 +8,8 @@ import pytest
 
 from conftest import built
 from resstream import ablation, analysis, patching
+from resstream.lane_plan import Schedule, make_groups
 from resstream.memory import MemoryBudgetError, measure_only, resolve_budget
-from resstream.vectorised import Schedule, make_groups
 
 BIG = 1 << 40
 

@@ -1,0 +1,179 @@
+"""The plan of a vectorised run (`resstream.vectorised`): where each job starts, which jobs share a
+group, how many lanes are carried and evaluated at once, and, for deep models, the scanned blocks
+of layers at whose starts jobs join. Plain data, fixed before anything is traced."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from resstream.interventions import Ablation
+from resstream.model import Transformer
+
+# Deeper models run their layers in at most JOIN_BLOCKS scanned blocks. Blocking costs some shared work,
+# so models of typical depth stay unrolled (README, "Benchmarks": benchmarks/ablation.py --depths).
+UNROLLED_LAYERS = 16
+JOIN_BLOCKS = 6
+
+# Bytes of temporaries that the lanes evaluated at once should take, for speed: on CPU a chunk's
+# attention scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
+# accelerators want wide chunks, up to what the memory budget allows.
+FAST_CHUNK_BYTES = {"cpu": 64 << 20}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Static plan (hashable, so it keys the compile cache).
+
+    starts:        per job, the first sublayer it changes (n_sublayers: it changes nothing).
+    cheap:         per job, whether that first change replaces or deletes the whole write, so the
+                   sublayer need not be computed for it.
+    patch_layers:  per job, the layer whose input stream is patched from the source run, or -1.
+    """
+
+    starts: tuple[int, ...]
+    cheap: tuple[bool, ...]
+    patch_layers: tuple[int, ...]
+
+    @property
+    def n_jobs(self) -> int:
+        """Number of interventions (jobs) in the plan."""
+        return len(self.starts)
+
+    def keys(self) -> list[tuple[int, bool, int]]:
+        """Per job, its structure: (start, cheap, patched layer). Jobs with one key are interchangeable."""
+        return list(zip(self.starts, self.cheap, self.patch_layers, strict=True))
+
+
+def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarray | None = None) -> Schedule:
+    """The plan for a stack of ablations (concrete masks with a leading [n_jobs] axis) and, for
+    activation patching, the patched layer of each job."""
+    cfg = model.cfg
+    masks = jax.tree.map(np.asarray, ablation)
+    n_jobs = masks.replace_attn.shape[0]
+    # changed[j, k] / whole[j, k]: job j changes sublayer k / replaces or deletes its whole write
+    whole_attn = masks.replace_attn | masks.skip_attn
+    changed_attn = whole_attn | masks.replace_heads.any(-1)
+    if cfg.attn_only:
+        changed, whole = changed_attn, whole_attn
+    else:
+        whole_mlp = masks.replace_mlp | masks.skip_mlp
+        changed = np.stack([changed_attn, whole_mlp], axis=-1).reshape(n_jobs, -1)
+        whole = np.stack([whole_attn, whole_mlp], axis=-1).reshape(n_jobs, -1)
+    n_sublayers, per_layer = cfg.n_sublayers, cfg.sublayers_per_layer
+    patch_layers = np.full(n_jobs, -1) if patch_layers is None else np.asarray(patch_layers)
+    starts, cheap = [], []
+    for j in range(n_jobs):
+        first = int(np.argmax(changed[j])) if changed[j].any() else n_sublayers
+        if cfg.parallel_attn and first < n_sublayers:
+            first -= first % per_layer  # a parallel block's MLP reads the layer's input: start there
+        patched_at = patch_layers[j] * per_layer if patch_layers[j] >= 0 else n_sublayers
+        start = min(first, patched_at)
+        starts.append(start)
+        cheap.append(bool(start < n_sublayers and start != patched_at and whole[j, start]))
+    return Schedule(tuple(starts), tuple(cheap), tuple(int(p) for p in patch_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LanePlan:
+    """How much of a study runs at once: at most `lanes` lanes carried (a group of jobs), `chunk`
+    of them evaluated at once. `min_lanes`: the fewest a group can have (one per job structure)."""
+
+    lanes: int
+    chunk: int
+    min_lanes: int = 1
+
+    def smaller(self) -> LanePlan | None:
+        """The next plan down (half the lanes and half the chunk), or None from the smallest."""
+        if self.chunk == 1 and self.lanes <= self.min_lanes:
+            return None
+        lanes = max(self.min_lanes, self.lanes // 2)
+        return dataclasses.replace(self, lanes=lanes, chunk=max(1, min(lanes, self.chunk // 2)))
+
+
+def plan_lanes(
+    model: Transformer,
+    batch: int,
+    seq: int,
+    schedule: Schedule,
+    budget: int,
+    *,
+    chunk_size: int | None = None,
+    group_size: int | None = None,
+) -> LanePlan:
+    """The first plan to try for `schedule` on [batch, seq] tokens within `budget` bytes, from
+    estimates of what one lane carries and one lane's temporaries take (float32). `chunk_size` /
+    `group_size` fix the chunk / the lanes per group instead. `resstream.memory.run_within` checks
+    the estimate against the compiled program and shrinks the plan if it was too hopeful."""
+    cfg = model.cfg
+    n_keys = len(set(schedule.keys()))
+    stream = 4 * batch * seq * cfg.d_model
+    temporaries = 4 * batch * seq * (4 * cfg.d_model + cfg.n_heads * seq + 2 * (cfg.d_mlp or 0) + cfg.vocab_size)
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    fixed = params + stream * (4 * cfg.n_layers + 8) + 3 * 4 * batch * seq * cfg.vocab_size  # base run, records
+    spare = max(budget - fixed, 0) // 2  # half for carried lanes, half for temporaries
+    fast = FAST_CHUNK_BYTES.get(jax.default_backend(), spare)
+    chunk = chunk_size or max(1, min(fast, spare) // temporaries)
+    lanes = group_size or max(1, spare // (3 * stream))  # a lane's stream, its concatenated copy, its output
+    lanes = max(n_keys, min(lanes, schedule.n_jobs)) if group_size is None else max(n_keys, lanes)
+    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=n_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """Jobs split into groups of one structure. `slots`: the schedule every group runs (one entry
+    per lane); `members` [n_groups, n_slots]: the job in each slot (a repeat where a group is short
+    of jobs of some structure); `where` [n_jobs]: the flat slot holding each job's result."""
+
+    slots: Schedule
+    members: np.ndarray
+    where: np.ndarray
+
+
+def make_groups(schedule: Schedule, lanes: int) -> Groups:
+    """The fewest groups whose shared structure has at most `lanes` slots (at least one per job
+    structure), so as few slots as possible are repeats."""
+    by_key: dict[tuple, list[int]] = {}
+    for j, key in enumerate(schedule.keys()):
+        by_key.setdefault(key, []).append(j)
+    keys = sorted(by_key)
+    largest = max(len(jobs) for jobs in by_key.values())
+    n_groups = next((n for n in range(1, largest + 1) if sum(-(-len(by_key[k]) // n) for k in keys) <= lanes), largest)
+    members, slot_keys, where = [], [], np.zeros(schedule.n_jobs, np.int64)
+    for key in keys:
+        jobs, per_group = by_key[key], -(-len(by_key[key]) // n_groups)
+        padded = jobs + [jobs[0]] * (n_groups * per_group - len(jobs))
+        members.append(np.array(padded).reshape(n_groups, per_group))
+        slot_keys += [key] * per_group
+    members = np.concatenate(members, axis=1)  # [n_groups, n_slots]
+    n_slots = members.shape[1]
+    for flat in range(members.size - 1, -1, -1):  # each job's first occurrence holds its result
+        where[members.flat[flat]] = flat
+    starts, cheap, patch_layers = zip(*slot_keys, strict=True)
+    return Groups(Schedule(starts, cheap, patch_layers), members.reshape(n_groups, n_slots), where)
+
+
+def join_blocks(model: Transformer, schedule: Schedule) -> list[tuple[int, int]]:
+    """The scanned blocks of layers (first, stop) for `schedule`: none for a shallow model or for
+    patching (a patch lands mid-block), else at most JOIN_BLOCKS blocks covering every layer but the last."""
+    n_layers = model.cfg.n_layers
+    if n_layers <= UNROLLED_LAYERS or any(p >= 0 for p in schedule.patch_layers):
+        return []
+    bounds = np.unique(np.linspace(0, n_layers - 1, JOIN_BLOCKS + 1).round().astype(int))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+
+
+def joined_at_blocks(model: Transformer, schedule: Schedule, blocks: list[tuple[int, int]]) -> Schedule:
+    """`schedule` with every job that starts inside a block moved to the block's first sublayer (not
+    cheap there: its first change is later)."""
+    per_layer = model.cfg.sublayers_per_layer
+    starts, cheap = list(schedule.starts), list(schedule.cheap)
+    for j, start in enumerate(schedule.starts):
+        for first, stop in blocks:
+            if first * per_layer <= start < stop * per_layer:
+                moved = first * per_layer
+                starts[j], cheap[j] = moved, cheap[j] and moved == start
+    return dataclasses.replace(schedule, starts=tuple(starts), cheap=tuple(cheap))
