@@ -29,6 +29,7 @@ from tqdm import tqdm
 from resstream.checkpoint import Checkpoints, CorruptCheckpointError
 from resstream.config import ConfigError, MeshConfig, ModelConfig, model_config, optimizer_config
 from resstream.data import Sampler, SamplerState, Tokenizer, eval_batches, split_counts, split_tokens
+from resstream.host_memory import reuse_step_buffers
 from resstream.model import Transformer
 from resstream.report import write_report
 from resstream.run_lock import RunLock
@@ -92,6 +93,7 @@ def run(config: Any, run_dir: str | Path, *, report: bool = True) -> dict[str, A
     corrupt checkpoint, another process training there) leaves the directory as it was."""
     run_dir = Path(run_dir)
     cfg, tc = model_config(config), config.train
+    reuse_step_buffers()  # each step's buffers reuse the last one's pages (resstream.host_memory)
     _check_run(cfg, run_dir, Path(config.data.cache_dir), config.data.tokenizer)
     mesh = make_mesh(MeshConfig(**config.mesh))
     tokenizer = tokenizer_for(config, run_dir)  # writes nothing in run_dir: save_to_run does, once accepted
