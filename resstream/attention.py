@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from resstream.matmul import DENSE_OUTPUT
+
 # Queries per block, each block against the keys it can see: smaller blocks skip more of the masked
 # triangle but issue more, smaller matmuls (benchmarks/train_vs_pytorch.py chose 64 on CPU). At most
 # MAX_BLOCKS blocks, so that long sequences do not unroll into many small ops.
@@ -144,7 +146,7 @@ def remat_policy(remat: str) -> Callable[..., bool] | None:
         return None
     policies = jax.checkpoint_policies
     return policies.save_from_both_policies(
-        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(*ATTENTION_RESIDUALS)
+        policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(DENSE_OUTPUT, *ATTENTION_RESIDUALS)
     )
 
 

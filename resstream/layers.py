@@ -17,6 +17,7 @@ from flax import nnx
 from resstream.attention import causal_attention
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
+from resstream.matmul import dense
 from resstream.rotary import apply_rotary
 from resstream.sharding import BATCH_AXES, constrain
 
@@ -122,7 +123,9 @@ class Attention(nnx.Module):
         flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
 
         def project(w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-            y = add_bias(jnp.einsum("nd,hde->nhe", flat, w[...].astype(dt)), b)
+            heads, _, d_head = w.shape  # w [heads, d_model, d_head] as one [d_model, heads * d_head] matrix
+            w = w[...].astype(dt).transpose(1, 0, 2).reshape(d_model, heads * d_head)
+            y = add_bias(dense(flat, w).reshape(-1, heads, d_head), b)
             y = constrain(y, BATCH_AXES, "tensor", None)  # heads split over the tensor axis
             return y.reshape(batch, seq, *y.shape[1:])  # [batch, seq, heads, d_head]
 
@@ -137,7 +140,7 @@ class Attention(nnx.Module):
         pattern = _causal_pattern(q, k, self.sliding_window) if want_pattern else None
         if edit_z is not None:
             z = edit_z(z)
-        out = jnp.einsum("nhe,hed->nd", z.reshape(batch * seq, *z.shape[2:]), self.W_O[...].astype(dt))
+        out = dense(z.reshape(batch * seq, -1), self.W_O[...].astype(dt).reshape(-1, d_model))
         out = constrain(add_bias(out, self.b_O), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), z, pattern
 
@@ -176,11 +179,11 @@ class MLP(nnx.Module):
         dt = self.dtype
         # 2-D matmuls on [batch*seq, d]: XLA's CPU backend handles them far better than 3-D ones.
         flat = constrain(x.reshape(batch * seq, d_model).astype(dt), BATCH_AXES, None)
-        pre = constrain(add_bias(flat @ self.W_in[...].astype(dt), self.b_in), BATCH_AXES, "tensor")
+        pre = constrain(add_bias(dense(flat, self.W_in[...].astype(dt)), self.b_in), BATCH_AXES, "tensor")
         if self.kind == "swiglu":
-            gate = constrain(add_bias(flat @ self.W_gate[...].astype(dt), self.b_gate), BATCH_AXES, "tensor")
+            gate = constrain(add_bias(dense(flat, self.W_gate[...].astype(dt)), self.b_gate), BATCH_AXES, "tensor")
             post = jax.nn.silu(gate) * pre
         else:
             post = jax.nn.gelu(pre, approximate=self.kind == "gelu")
-        out = constrain(add_bias(post @ self.W_out[...].astype(dt), self.b_out), BATCH_AXES, None)
+        out = constrain(add_bias(dense(post, self.W_out[...].astype(dt)), self.b_out), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)

@@ -33,6 +33,7 @@ from flax import nnx
 from resstream.attention import remat_policy
 from resstream.config import SUBLAYER_NORM, ModelConfig
 from resstream.layers import MLP, Attention, Norm, add_bias, bias_param, dropout, normal_param
+from resstream.matmul import dense
 from resstream.memory import run_within
 from resstream.rotary import rotary_tables
 from resstream.sharding import BATCH_AXES, FREE, constrain, mesh_context
@@ -251,9 +252,7 @@ class Transformer(nnx.Module):
         if self.ln_final is not None:
             resid, scale = self.ln_final(resid)
         dt = self.cfg.compute_dtype
-        logits = jnp.einsum(
-            "...d,dv->...v", resid.astype(dt), self.unembed_matrix.astype(dt), preferred_element_type=jnp.float32
-        )
+        logits = dense(resid.astype(dt), self.unembed_matrix.astype(dt), out_dtype=jnp.float32)
         return add_bias(logits, self.b_U), scale
 
     # ---------------------------------------------------------------------------------- forward
