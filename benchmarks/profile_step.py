@@ -32,6 +32,7 @@ from train_vs_pytorch import SHAPES, VOCAB
 
 from resstream import ModelConfig, Transformer
 from resstream.config import OptimizerConfig
+from resstream.host_memory import reuse_step_buffers
 from resstream.train import init_state, make_optimizer, train_step
 
 
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--depths", default="4,1000")
     args = parser.parse_args()
+    reuse_step_buffers()  # as the training loop runs: each step's buffers reused (resstream.host_memory)
     shape = SHAPES[args.shape]
     if not args.compile:
         profile(shape, args.steps, args.out, args.top)
