@@ -141,6 +141,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def remat_policy(remat: str) -> Callable[..., bool] | None:
     """What a layer's backward pass keeps (`ModelConfig.remat`): "dots" keeps the matmul outputs
+    (`resstream.matmul.dense`'s by name, since its custom_vjp hides the matmul from the dots policy)
     and attention's z and log-sum-exp (its backward's residuals, so attention is not run again);
     "full" keeps nothing but the layer's input."""
     if remat == "full":

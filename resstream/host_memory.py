@@ -3,8 +3,8 @@
 XLA's CPU backend allocates each execution's temporary buffer (every activation a train step keeps
 for its backward pass: tens to hundreds of MB) when the program starts and frees it when it ends.
 glibc serves a block that large with mmap and frees it with munmap, so every step maps fresh pages,
-and the kernel faults in and zeroes the whole buffer again: one fault per 4 KiB page, about a tenth
-of a small model's step (benchmarks/train_vs_pytorch.py prints the faults per step).
+and the kernel faults in and zeroes the whole buffer again: one fault per 4 KiB page, every step
+(benchmarks/train_vs_pytorch.py prints the faults per step and what they cost).
 
 `reuse_step_buffers()` turns that off for a training process:
 - glibc's malloc keeps freed memory in its heap (no mmap'd blocks, no trimming), so the next step's
