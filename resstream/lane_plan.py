@@ -1,6 +1,6 @@
 """The plan of a vectorised run (`resstream.vectorised`): where each job starts, which jobs share a
-group, how many lanes are carried and evaluated at once, and, for deep models, the scanned blocks
-of layers at whose starts jobs join. Plain data, fixed before anything is traced."""
+group, how many lanes are carried and evaluated at once, and, for deep models, the cohorts of
+jobs that run together from one layer. Plain data, fixed before anything is traced."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from flax import nnx
 from resstream.interventions import Ablation
 from resstream.model import Transformer
 
-# Deeper models run their layers in at most JOIN_BLOCKS scanned blocks. Blocking costs some shared work,
-# so models of typical depth stay unrolled (README, "Benchmarks": benchmarks/ablation.py --depths).
+# Deeper models run their jobs in cohorts through one loop over the layers. A cohort starts at its
+# earliest job's first change, which costs its later jobs some shared work, so models of typical
+# depth stay unrolled (README, "Benchmarks": benchmarks/ablation.py --depths).
 UNROLLED_LAYERS = 16
-JOIN_BLOCKS = 6
+MIN_COHORTS = 6
 
 # Bytes of temporaries that the lanes evaluated at once should take, for speed: on CPU a chunk's
 # attention scores must stay near the caches (narrow chunks ran faster there; benchmarks/ablation.py);
@@ -156,24 +157,32 @@ def make_groups(schedule: Schedule, lanes: int) -> Groups:
     return Groups(Schedule(starts, cheap, patch_layers), members.reshape(n_groups, n_slots), where)
 
 
-def join_blocks(model: Transformer, schedule: Schedule) -> list[tuple[int, int]]:
-    """The scanned blocks of layers (first, stop) for `schedule`: none for a shallow model or for
-    patching (a patch lands mid-block), else at most JOIN_BLOCKS blocks covering every layer but the last."""
-    n_layers = model.cfg.n_layers
-    if n_layers <= UNROLLED_LAYERS or any(p >= 0 for p in schedule.patch_layers):
-        return []
-    bounds = np.unique(np.linspace(0, n_layers - 1, JOIN_BLOCKS + 1).round().astype(int))
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+@dataclasses.dataclass(frozen=True)
+class Cohorts:
+    """A deep model's jobs in cohorts of equal size, each run from one layer to the last.
+    `starts` [n_cohorts]: the layer each cohort starts at (n_layers: its jobs change nothing);
+    `members` [n_cohorts, n_slots]: the job in each slot (a repeat in a short cohort);
+    `where` [n_jobs]: the flat slot holding each job's result."""
+
+    starts: np.ndarray
+    members: np.ndarray
+    where: np.ndarray
 
 
-def joined_at_blocks(model: Transformer, schedule: Schedule, blocks: list[tuple[int, int]]) -> Schedule:
-    """`schedule` with every job that starts inside a block moved to the block's first sublayer (not
-    cheap there: its first change is later)."""
-    per_layer = model.cfg.sublayers_per_layer
-    starts, cheap = list(schedule.starts), list(schedule.cheap)
-    for j, start in enumerate(schedule.starts):
-        for first, stop in blocks:
-            if first * per_layer <= start < stop * per_layer:
-                moved = first * per_layer
-                starts[j], cheap[j] = moved, cheap[j] and moved == start
-    return dataclasses.replace(schedule, starts=tuple(starts), cheap=tuple(cheap))
+def make_cohorts(model: Transformer, schedule: Schedule, plan: LanePlan) -> Cohorts | None:
+    """Cohorts for a model deeper than UNROLLED_LAYERS, else None. Jobs are taken in order of the
+    layer of their first change (ablated or patched) and cut into cohorts of at most `plan.chunk`
+    jobs, and into at least MIN_COHORTS, so that a job starts a few layers before its first change
+    at most (the layers between leave it as it was)."""
+    cfg = model.cfg
+    if cfg.n_layers <= UNROLLED_LAYERS:
+        return None
+    first_layers = np.array(schedule.starts) // cfg.sublayers_per_layer  # n_layers: changes nothing
+    order = np.argsort(first_layers, kind="stable")
+    size = max(1, min(plan.chunk, -(-schedule.n_jobs // MIN_COHORTS)))
+    n_cohorts = -(-schedule.n_jobs // size)
+    padded = np.concatenate([order, np.full(n_cohorts * size - len(order), order[-1])])  # repeats of the last job
+    members = padded.reshape(n_cohorts, size)
+    where = np.empty(schedule.n_jobs, np.int64)
+    where[order] = np.arange(schedule.n_jobs)  # each job's first slot (repeats come after)
+    return Cohorts(first_layers[members[:, 0]], members, where)

@@ -17,10 +17,11 @@ lanes join at each sublayer), so one compiled body serves them all; a group shor
 structure repeats one, and the repeat's result is dropped.
 
 The lanes grow from one sublayer to the next, which a scan cannot express: shallow models unroll
-their sublayers. Deeper ones (over UNROLLED_LAYERS layers) cut all layers but the last into at most
-JOIN_BLOCKS blocks, each one `jax.lax.scan` over its layers with a fixed set of lanes; a job joins
-at its block's first layer (the layers before its first change leave it as it was), so compile time
-stays flat in depth for a little more work.
+their sublayers. Deeper ones (over UNROLLED_LAYERS layers) would compile a body per sublayer, so
+their jobs run in cohorts instead (`lane_plan.make_cohorts`): every cohort has as many lanes, starts
+from the base stream entering its earliest job's first changed layer (the layers before a job's
+first change leave it as it was) and runs to the last layer in one `fori_loop` with a dynamic start.
+One layer body serves every cohort, so compile time stays flat in depth for a little more work.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from resstream.interventions import Ablation, Replacement
-from resstream.lane_plan import LanePlan, Schedule, join_blocks, joined_at_blocks, make_groups
+from resstream.lane_plan import Cohorts, LanePlan, Schedule, make_cohorts, make_groups
 from resstream.model import Cache, Transformer
 from resstream.stream import ResidualStream
 
@@ -146,40 +147,6 @@ class _Lanes:
             self.streams = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
             self.jobs = computed + known
 
-    def run_block(self, first: int, stop: int) -> None:
-        """Let the jobs that start at layer `first` join, then run layers first..stop-1 on every
-        lane as one scan over those layers' weights and each lane's masks."""
-        cfg = self.model.cfg
-        k = first * cfg.sublayers_per_layer
-        new = [j for j in range(self.schedule.n_jobs) if self.schedule.starts[j] == k]
-        if new:
-            x = self.entering(new, k)
-            self.streams = x if self.streams is None else jnp.concatenate([self.streams, x])
-            self.jobs = self.jobs + new
-        if not self.jobs:
-            return
-        graphdef, weights = nnx.split(self.model.blocks)
-        layers = slice(first, stop)
-        # per layer: [stop - first, lanes, ...] masks, [stop - first, ...] replacement values
-        masks = jax.tree.map(lambda m: jnp.moveaxis(m[np.array(self.jobs), layers], 1, 0), self.ablation)
-        values = jax.tree.map(lambda v: v[layers], self.replacement)
-        rope = self.model.rope(self.streams.shape[2])
-
-        def layer(streams: jax.Array, xs: tuple) -> tuple[jax.Array, None]:
-            layer_weights, layer_masks, layer_values = xs
-            block = nnx.merge(graphdef, layer_weights)
-
-            def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
-                stream = ResidualStream(
-                    resid, {}, lane_ablation, layer_values, residual=cfg.residual, carry_scale=cfg.residual_scale
-                )
-                return block(stream, rope).resid
-
-            return _map_lanes(one, (streams, layer_masks), self.chunk_size), None
-
-        per_layer = (jax.tree.map(lambda w: w[layers], weights), masks, values)
-        self.streams, _ = jax.lax.scan(layer, self.streams, per_layer)
-
     def finish(self) -> None:
         """Jobs that change nothing join at the end, as the base run's final stream."""
         n = self.model.cfg.n_sublayers
@@ -190,6 +157,60 @@ class _Lanes:
             x = self.entering(untouched, n)
             self.streams = x if self.streams is None else jnp.concatenate([self.streams, x])
             self.jobs = self.jobs + untouched
+
+
+def _run_cohorts(
+    model: Transformer,
+    base: Cache,
+    ablation: Ablation,
+    replacement: Replacement,
+    schedule: Schedule,
+    cohorts: Cohorts,
+    readout: Callable[[jax.Array], Any],
+    patch: tuple[Cache, jax.Array] | None,
+    chunk: int,
+    read_last: int | None,
+) -> Any:
+    """`run_lanes` for a deep model: each cohort from its start layer to the last in one loop, a
+    patching job's source stream copied in as it enters its patched layer."""
+    cfg = model.cfg
+    graphdef, weights = nnx.split(model.blocks)  # every leaf [n_layers, ...]
+    entering = jnp.concatenate([base["resid_pre"], base["resid_final"][None]])  # [n_layers + 1, batch, seq, d_model]
+    rope = model.rope(entering.shape[2])
+    members = cohorts.members
+    masks = jax.tree.map(lambda m: m[members], ablation)  # [n_cohorts, n_slots, n_layers, ...]
+    patch_layers = jnp.asarray(np.array(schedule.patch_layers)[members])  # [n_cohorts, n_slots]; -1: none
+    positions = None if patch is None else patch[1][members]  # [n_cohorts, n_slots, seq]
+
+    def at(x: Any, index: jax.Array, axis: int = 0) -> Any:
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, axis, keepdims=False), x)
+
+    def layer(index: jax.Array, streams: jax.Array, xs: tuple) -> jax.Array:
+        cohort_masks, cohort_patch_layers, cohort_positions = xs
+        if patch is not None:
+            here = (cohort_patch_layers == index)[:, None] & cohort_positions  # [n_slots, seq]
+            streams = jnp.where(here[:, None, :, None], at(patch[0]["resid_pre"], index)[None], streams)
+        block, values = nnx.merge(graphdef, at(weights, index)), at(replacement, index)
+
+        def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
+            stream = ResidualStream(
+                resid, {}, lane_ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale
+            )
+            return block(stream, rope).resid
+
+        return _map_lanes(one, (streams, at(cohort_masks, index, axis=1)), chunk)
+
+    def cohort(xs: tuple) -> Any:
+        start, rest = xs[0], xs[1:]
+        streams = jnp.broadcast_to(entering[start], (members.shape[1], *entering.shape[1:]))
+        streams = jax.lax.fori_loop(start, cfg.n_layers, lambda i, x: layer(i, x, rest), streams)
+        if read_last is not None:
+            streams = streams[:, :, -read_last:]
+        return _map_lanes(readout, (streams,), chunk)
+
+    # [n_cohorts, n_slots, ...]
+    out = jax.lax.map(cohort, (jnp.asarray(cohorts.starts), masks, patch_layers, positions))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[cohorts.where], out)
 
 
 def run_lanes(
@@ -216,17 +237,19 @@ def run_lanes(
     job's patched layer, at the positions marked True.
     plan: how many lanes are carried (per group) and evaluated at once.
     """
-    blocks = join_blocks(model, schedule)
-    groups = make_groups(joined_at_blocks(model, schedule, blocks), plan.lanes)
+    cohorts = make_cohorts(model, schedule, plan)
+    if cohorts is not None:
+        patch = None if source is None else (source, patch_positions)
+        return _run_cohorts(
+            model, base, ablation, replacement, schedule, cohorts, readout, patch, plan.chunk, read_last
+        )
+    groups = make_groups(schedule, plan.lanes)
     ablation = jax.tree.map(lambda m: m[groups.members], ablation)  # [n_groups, n_slots, ...]
     positions = None if patch_positions is None else patch_positions[groups.members]
-    unrolled_from = blocks[-1][1] * model.cfg.sublayers_per_layer if blocks else 0
 
     def group(xs: tuple[Ablation, jax.Array | None]) -> Any:
         lanes = _Lanes(model, base, xs[0], replacement, groups.slots, source, xs[1], plan.chunk, read_last)
-        for first, stop in blocks:
-            lanes.run_block(first, stop)
-        for k in range(unrolled_from, model.cfg.n_sublayers):
+        for k in range(model.cfg.n_sublayers):
             lanes.step(k)
         lanes.finish()
         out = _map_lanes(readout, (lanes.streams,), plan.chunk)

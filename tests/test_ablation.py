@@ -229,16 +229,19 @@ def test_a_bfloat16_model_sweeps_like_its_single_ablations():
     ],
     ids=["pre-heads-zero", "parallel-sublayers-mean", "post-layers-delete"],
 )
-def test_a_deep_models_sweep_runs_in_scanned_blocks_and_equals_single_ablations(monkeypatch, arch, granularity, method):
-    """A model deeper than UNROLLED_LAYERS sweeps in scanned blocks, its jobs joining at a block's
-    first layer (here the 3 layers as one block of layers 0-1, the last unrolled): every row still
-    equals its single ablation, and so does every draw of a deletion curve."""
+def test_a_deep_models_sweep_runs_in_cohorts_and_equals_single_ablations(monkeypatch, arch, granularity, method):
+    """A model deeper than UNROLLED_LAYERS runs its jobs in cohorts, each from the first changed
+    layer of its earliest job through one loop over the layers (here cohorts of at most 3 jobs
+    over the 3 layers): every row still equals its single ablation, and so does every draw of a
+    deletion curve, whose draw that deletes nothing starts past the last layer."""
     monkeypatch.setattr(lane_plan, "UNROLLED_LAYERS", 1)
-    monkeypatch.setattr(lane_plan, "JOIN_BLOCKS", 1)
+    monkeypatch.setattr(lane_plan, "MIN_COHORTS", 2)
     monkeypatch.setattr(memory, "_compiled", type(memory._compiled)())
     model, tokens, _, _ = built(**arch)
-    tokens = tokens[:, :9]  # a length no other sweep uses: no program compiled unblocked is reused
-    assert lane_plan.join_blocks(model, lane_plan.Schedule((0,), (False,), (-1,))) == [(0, 2)]
+    tokens = tokens[:, :9]  # a length no other sweep uses: no program compiled unrolled is reused
+    four_layers = lane_plan.Schedule((0, 2, 4, 6), (False,) * 4, (-1,) * 4)  # first changes: layers 0, 1, 2, none
+    cohorts = lane_plan.make_cohorts(model, four_layers, lane_plan.LanePlan(2, 2))
+    assert cohorts.starts.tolist() == [0, 2] and cohorts.members.tolist() == [[0, 1], [2, 3]]
     table = A.ablation_sweep(model, tokens, granularity, method=method, group_size=2)
     single = [float(A.ablate(model, tokens, [label], method=method).loss) for label in table.labels]
     assert max_rel_err(table.loss, single) <= roundoff_tolerance(model.cfg)
