@@ -69,17 +69,22 @@ class GPT(nn.Module):
         return functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def make_train_step(model: GPT, lr: float = 1e-3):
-    """nanoGPT's step: forward, backward, clip the global norm at 1.0, AdamW (decay on >= 2-D)."""
+def make_train_step(model: GPT, lr: float = 1e-3, *, device: str = "cpu", bf16: bool = False):
+    """nanoGPT's step: forward, backward, clip the global norm at 1.0, AdamW (decay on >= 2-D).
+    On CUDA, as nanoGPT's train.py runs there: `bf16` autocast and the fused AdamW kernel (pass a
+    `torch.compile`d model for its compiled forward and backward)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    fused = device.startswith("cuda")
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+    device_type = device.split(":")[0]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = model(x, y)
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
