@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -99,23 +100,26 @@ def _signature(x: Any) -> Any:
     return (x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
 
 
-def _compile(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[jax.stages.Compiled, int]:
-    """`fn` compiled for `args` and its peak bytes, cached: a call repeated from a notebook pays
-    neither the compile nor the memory analysis again."""
-    leaves, treedef = jax.tree.flatten(args)
-    key = (fn, treedef, tuple(_signature(x) for x in leaves), tuple(sorted(static.items())))
+@functools.partial(jax.jit, static_argnames=("fn", "treedef", "static"))
+def _flat_call(leaves: list, *, fn: Callable, treedef: Any, static: tuple) -> Any:
+    """`fn(*args, **static)` from the leaves of `args`: its compiled form is called with a flat
+    list of arrays, so a call does not flatten the model's modules again (Python work per module)."""
+    return fn(*jax.tree.unflatten(treedef, leaves), **dict(static))
+
+
+def _compile(fn: Callable, leaves: list, treedef: Any, static: dict[str, Any]) -> tuple[jax.stages.Compiled, int]:
+    """`fn` compiled for the arguments flattened to `leaves` and `treedef`, and its peak bytes,
+    cached: a call repeated from a notebook pays neither the compile nor the memory analysis again."""
+    static_items = tuple(sorted(static.items()))
+    key = (fn, treedef, tuple(_signature(x) for x in leaves), static_items)
     if key in _compiled:
         _compiled.move_to_end(key)
         return _compiled[key]
-    compiled = fn.lower(*args, **static).compile()
+    compiled = _flat_call.lower(leaves, fn=fn, treedef=treedef, static=static_items).compile()
     _compiled[key] = compiled, peak_bytes(compiled)
     if len(_compiled) > _COMPILED_CACHE_SIZE:
         _compiled.popitem(last=False)
     return _compiled[key]
-
-
-def _traced(args: tuple) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
 
 
 def run_within(
@@ -135,11 +139,12 @@ def run_within(
     next smaller plan, or None when there is none. Plans are tried until one fits; if none does,
     `MemoryBudgetError` says what was needed, and `hint` how to need less."""
     static = dict(static or {})
-    if _traced(args) or jax.config.jax_disable_jit:  # inside a user's jit (or none): nothing to check
-        return fn(*args, **static)
+    leaves, treedef = jax.tree.flatten(args)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves) or jax.config.jax_disable_jit:
+        return fn(*args, **static)  # inside a user's jit (or none): nothing to check
     budget = resolve_budget(budget)
     while True:
-        compiled, peak = _compile(fn, args, static)
+        compiled, peak = _compile(fn, leaves, treedef, static)
         if peak <= budget:
             break
         plan = smaller(static["plan"]) if smaller is not None and "plan" in static else None
@@ -153,4 +158,4 @@ def run_within(
     if measured is not None:
         measured.append(Measured(what, peak, budget, static.get("plan")))
         return jax.eval_shape(lambda *a: fn(*a, **static), *args)
-    return compiled(*args)
+    return compiled(leaves)
