@@ -172,8 +172,9 @@ class Cohorts:
 def make_cohorts(model: Transformer, schedule: Schedule, plan: LanePlan) -> Cohorts | None:
     """Cohorts for a model deeper than UNROLLED_LAYERS, else None. Jobs are taken in order of the
     layer of their first change (ablated or patched) and cut into cohorts of at most `plan.chunk`
-    jobs, and into at least MIN_COHORTS, so that a job starts a few layers before its first change
-    at most (the layers between leave it as it was)."""
+    jobs, and into at least MIN_COHORTS. A job runs from its cohort's start, which leaves it as it
+    was up to its first change; in a sweep, whose first changes spread evenly over the layers, that
+    is at most about n_layers / MIN_COHORTS layers early."""
     cfg = model.cfg
     if cfg.n_layers <= UNROLLED_LAYERS:
         return None
