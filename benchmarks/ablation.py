@@ -99,12 +99,13 @@ def _patched_forward(model: Transformer):
     @jax.jit
     def run(state, corrupted, clean_resid_pre, layer, position, answer, wrong):
         model = nnx.merge(graphdef, state)
-        residual = model.cfg.residual
+        cfg = model.cfg
         resid, rope = model.embed(corrupted).read(), model.rope(corrupted.shape[1])
         at = jnp.arange(corrupted.shape[1])[None, :, None] == position
-        for index in range(model.cfg.n_layers):
+        for index in range(cfg.n_layers):
             resid = jnp.where(at & (index == layer), clean_resid_pre[index], resid)
-            resid = model.layer(index)(ResidualStream(resid, {}, residual=residual), rope).read()
+            stream = ResidualStream(resid, {}, residual=cfg.residual, carry_scale=cfg.residual_scale)
+            resid = model.layer(index)(stream, rope).read()
         logits = model.unembed(resid)[0]  # every position, as a hooked forward pass gives
         rows = jnp.arange(logits.shape[0])
         return jnp.mean(logits[rows, -1, answer] - logits[rows, -1, wrong])
