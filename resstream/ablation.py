@@ -336,16 +336,22 @@ def deletion_curve(
     ks: Iterable[int] | None = None,
     draws: int = 16,
     seed: int = 0,
+    subsets: Iterable[Iterable[int]] | None = None,
     chunk_size: int | None = None,
     group_size: int | None = None,
     memory_budget: int | None = None,
 ) -> DeletionCurve:
     """Delete k randomly chosen layers (`draws` draws per k; default k = 0..n_layers) and record the
     loss of each draw: the experiment behind "residual networks survive the removal of layers".
-    `memory_budget`, `chunk_size`, `group_size`: as for `ablation_sweep`."""
+    `subsets`: the sets of layers to delete instead of random draws (e.g. every contiguous block),
+    all in the same one compiled call. `memory_budget`, `chunk_size`, `group_size`: as for
+    `ablation_sweep`."""
     cfg = model.cfg
     tokens = _checked_tokens(model, tokens)
-    subsets = deletion_subsets(cfg.n_layers, range(cfg.n_layers + 1) if ks is None else ks, draws, seed)
+    if subsets is None:
+        subsets = deletion_subsets(cfg.n_layers, range(cfg.n_layers + 1) if ks is None else ks, draws, seed)
+    else:
+        subsets = [tuple(sorted({cfg.check_layer(i, error=AblationError) for i in s})) for s in subsets]
     if not subsets:
         raise AblationError(f"no deletions to run: give ks between 0 and {cfg.n_layers} and draws >= 1")
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])

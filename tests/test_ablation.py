@@ -170,6 +170,17 @@ def test_deletion_curve_rows_equal_single_deletions():
             assert abs(float(loss) - float(single)) <= 1e-5 * abs(float(single))
 
 
+def test_a_deletion_curve_of_given_subsets_equals_their_single_deletions():
+    model, tokens, _, _ = built()
+    curve = A.deletion_curve(model, tokens, subsets=[(0,), range(1, 3), (2, 0, -1)])
+    assert curve.deleted == ((0,), (1, 2), (0, 2))  # sorted, distinct, -1 is the last layer
+    for deleted, loss in zip(curve.deleted, curve.loss, strict=True):
+        single = A.ablate(model, tokens, [f"L{layer}" for layer in deleted], method="delete").loss
+        assert abs(float(loss) - float(single)) <= 1e-5 * abs(float(single))
+    with pytest.raises(A.AblationError, match=r"layer=3 is out of range: the model has layers 0..2"):
+        A.deletion_curve(model, tokens, subsets=[(0,), (3,)])
+
+
 def test_deletion_subsets_are_distinct_and_cover_small_k():
     subsets = A.deletion_subsets(6, [0, 1, 3, 6], draws=5, seed=0)
     assert subsets.count(()) == 1 and subsets[-1] == (0, 1, 2, 3, 4, 5)
