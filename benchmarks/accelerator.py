@@ -77,7 +77,9 @@ def _peak(device_kind: str) -> float | None:
     sys.path.insert(0, str(Path(__file__).parent))
     from scale import PEAK_FLOPS
 
-    return PEAK_FLOPS.get(device_kind)
+    # "NVIDIA H200 141GB HBM3e" and the like: the longest known name it starts with
+    known = [name for name in PEAK_FLOPS if device_kind.startswith(name)]
+    return PEAK_FLOPS[max(known, key=len)] if known else None
 
 
 def _flops_per_token(smoke: bool) -> float:
