@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,10 @@ QUERY_BLOCK = 64
 MAX_BLOCKS = 16
 # The names under which the forward's residuals are tagged, for a remat policy to keep them.
 ATTENTION_RESIDUALS = ("attention_z", "attention_lse")
+# The primitive that runs cuDNN's fused forward inside jax.nn.dot_product_attention. Its outputs (z
+# and the softmax statistics) are the backward's residuals; a policy that does not keep them runs
+# the forward kernel again in the backward pass.
+CUDNN_FORWARD = "dot_product_attention_fwd_wrapper"
 
 
 def causal_attention(
@@ -142,14 +147,20 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def remat_policy(remat: str) -> Callable[..., bool] | None:
     """What a layer's backward pass keeps (`ModelConfig.remat`): "dots" keeps the matmul outputs
     (`resstream.matmul.dense`'s by name, since its custom_vjp hides the matmul from the dots policy)
-    and attention's z and log-sum-exp (its backward's residuals, so attention is not run again);
-    "full" keeps nothing but the layer's input."""
+    and attention's z and log-sum-exp (its backward's residuals, so attention is not run again: ours
+    by name, cuDNN's as the outputs of its forward primitive); "full" keeps nothing but the layer's
+    input."""
     if remat == "full":
         return None
     policies = jax.checkpoint_policies
-    return policies.save_from_both_policies(
+    dots = policies.save_from_both_policies(
         policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(DENSE_OUTPUT, *ATTENTION_RESIDUALS)
     )
+    return policies.save_from_both_policies(dots, _is_cudnn_forward)
+
+
+def _is_cudnn_forward(primitive: jax.extend.core.Primitive, *_: Any, **__: Any) -> bool:
+    return primitive.name == CUDNN_FORWARD
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None) -> jax.Array:

@@ -81,3 +81,22 @@ def test_bfloat16_inputs_give_bfloat16_z_close_to_float32():
     z = causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert z.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(z, np.float32), _reference(q, k, v, None), atol=3e-2)
+
+
+def test_remat_dots_keeps_cudnn_attentions_outputs_for_the_backward(monkeypatch, capsys):
+    """On an NVIDIA GPU, remat "dots" keeps cuDNN's z and softmax statistics, so the backward does
+    not run the fused forward again. Traced here, never compiled, with cuDNN's version check stubbed
+    (jax's own module; skipped if a JAX version moves it)."""
+    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not hasattr(cudnn, "check_cudnn_version"):
+        pytest.skip("this JAX checks cuDNN's version elsewhere")
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    q = jnp.ones((2, 128, 4, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, None, "cudnn").astype(jnp.float32) ** 2)
+
+    for remat, kept in (("dots", 2), ("full", 0)):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=attention.remat_policy(remat)), q, q, q)
+        saved = capsys.readouterr().out
+        assert saved.count(f"output of {attention.CUDNN_FORWARD}") == kept, saved
