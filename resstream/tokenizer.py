@@ -75,7 +75,7 @@ class BPETokenizer:
         """One token's bytes: its byte-level string mapped back to bytes (or its text's UTF-8 bytes
         for a tokenizer.json that is not byte-level)."""
         piece = self.tokenizer.id_to_token(int(token))
-        to_byte = _unicode_to_byte()
+        to_byte = unicode_to_byte()
         if piece is not None and all(c in to_byte for c in piece):
             return bytes(to_byte[c] for c in piece)
         return self.token_text(token).encode("utf-8")
@@ -96,7 +96,7 @@ class BPETokenizer:
 
 
 @functools.cache
-def _unicode_to_byte() -> dict[str, int]:
+def unicode_to_byte() -> dict[str, int]:
     """The inverse of the byte-level alphabet (GPT-2's `bytes_to_unicode`): printable bytes stand for
     themselves, the others for the characters from U+0100 on."""
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -26,12 +26,12 @@ from resstream.data import (
 from resstream.tokenizer import (
     TOKENIZER_FILE,
     BPETokenizer,
-    _unicode_to_byte,
     check_vocab,
     load_tokenizer,
     parse_tokenizer,
     tokenizer_for,
     train_bpe,
+    unicode_to_byte,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def bpe(source_text) -> BPETokenizer:
 
 def test_bpe_round_trips_any_text_and_saves_and_loads_equal(bpe, source_text, tmp_path):
     assert 256 < bpe.vocab_size <= 400 and bpe.dtype == np.uint16
-    assert set(_unicode_to_byte()) == set(pre_tokenizers.ByteLevel.alphabet())  # our map is the library's
+    assert set(unicode_to_byte()) == set(pre_tokenizers.ByteLevel.alphabet())  # our map is the library's
     for text in TRICKY:
         ids = bpe.encode(text)
         assert ids.dtype == np.uint16 and bpe.decode(ids) == text

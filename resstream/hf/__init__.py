@@ -40,7 +40,7 @@ from resstream.data import ByteTokenizer
 from resstream.hf.common import HFError
 from resstream.hf.families import Family, export, family_of
 from resstream.model import Transformer
-from resstream.tokenizer import BPETokenizer, _unicode_to_byte
+from resstream.tokenizer import BPETokenizer, unicode_to_byte
 
 __all__ = ["HFError", "load", "save"]
 
@@ -299,7 +299,7 @@ def _tokenizer_json(tokenizer: ByteTokenizer | BPETokenizer, cfg: ModelConfig) -
     if isinstance(tokenizer, BPETokenizer):
         text = tokenizer.tokenizer.to_str(pretty=True)
     elif isinstance(tokenizer, ByteTokenizer):
-        byte_char = {b: c for c, b in _unicode_to_byte().items()}
+        byte_char = {b: c for c, b in unicode_to_byte().items()}
         bytes_tokenizer = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
         bytes_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         bytes_tokenizer.decoder = decoders.ByteLevel()
