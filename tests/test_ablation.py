@@ -236,9 +236,9 @@ def test_a_bfloat16_model_sweeps_like_its_single_ablations():
     [
         ({}, "heads", "zero"),
         ({"parallel_attn": True, "positions": "rotary"}, "sublayers", "mean"),
-        ({"norm_placement": "post", "mlp": "swiglu"}, "layers", "delete"),
+        ({"norm_placement": "post", "deepnorm": True, "mlp": "swiglu"}, "layers", "delete"),
     ],
-    ids=["pre-heads-zero", "parallel-sublayers-mean", "post-layers-delete"],
+    ids=["pre-heads-zero", "parallel-sublayers-mean", "deepnorm-layers-delete"],
 )
 def test_a_deep_models_sweep_runs_in_cohorts_and_equals_single_ablations(monkeypatch, arch, granularity, method):
     """A model deeper than UNROLLED_LAYERS runs its jobs in cohorts, each from the first changed
