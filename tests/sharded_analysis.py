@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a process with 8 CPU devices: the same model with its
 parameters sharded over a data x fsdp x tensor = 2 x 2 x 2 mesh and its tokens split over the
 batch, against the model on one device. Prints, as JSON, the largest relative differences of the
-forward pass, the cache, the decomposition, an ablation sweep and a patching grid."""
+forward pass, the cache, the decomposition, an ablation sweep and a patching grid, the last two
+also as a deep model runs them (in cohorts through one loop over the layers)."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resstream import ModelConfig, Transformer, analysis, patching
+from resstream import ModelConfig, Transformer, analysis, lane_plan, memory, patching
 from resstream import ablation as A  # noqa: N812
 from resstream import sharding as S  # noqa: N812
 
@@ -39,7 +40,25 @@ def study(model: Transformer, tokens: jax.Array) -> dict:
         "logit_lens": analysis.logit_lens(model, cache).values,
         "sweep": A.ablation_sweep(model, tokens, "heads").loss,
         "patching": patching.patch_resid(model, tokens, corrupted, tokens[:, -1], corrupted[:, -1]).logit_diff,
+        **in_cohorts(model, tokens[:, :12]),  # a length of its own: nothing traced unrolled is reused
     }
+
+
+def in_cohorts(model: Transformer, tokens: jax.Array) -> dict:
+    """The sweep and the patching grid with every model taken as deep (UNROLLED_LAYERS = 1)."""
+    unrolled, lane_plan.UNROLLED_LAYERS = lane_plan.UNROLLED_LAYERS, 1
+    memory._compiled.clear()
+    try:
+        corrupted = tokens[:, ::-1]
+        return {
+            "sweep in cohorts": A.ablation_sweep(model, tokens, "heads").loss,
+            "patching in cohorts": patching.patch_resid(
+                model, tokens, corrupted, tokens[:, -1], corrupted[:, -1]
+            ).logit_diff,
+        }
+    finally:
+        lane_plan.UNROLLED_LAYERS = unrolled
+        memory._compiled.clear()
 
 
 tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, CFG.vocab_size)

@@ -85,7 +85,8 @@ def test_checkpoints_move_between_8_devices_and_1(tmp_path):
 def test_analysis_sweeps_and_patching_run_on_a_sharded_model():
     """No code changes: a model whose parameters are sharded over 2 x 2 x 2 devices, fed tokens
     split over the batch, gives the one-device forward pass, cache, decomposition, logit lens,
-    head-ablation sweep and patching grid; the logits and every record of the cache come back split
+    head-ablation sweep and patching grid (also run in cohorts, as a deep model runs them); the
+    logits and every record of the cache come back split
     on their batch axis over data x fsdp, like the tokens (z's heads over tensor too)."""
     result = _eight_devices("sharded_analysis.py")
     assert result.pop("W_Q") == "P(None, 'tensor', 'fsdp', None)"
