@@ -122,6 +122,8 @@ def torch_worker(smoke: bool, batch: int, steps: int) -> dict:
 
     cfg = model_config(smoke)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not smoke:
+        raise SystemExit("RuntimeError: no CUDA device for PyTorch: nanoGPT is measured on a GPU only")
     torch.manual_seed(0)
     model = GPT(cfg.vocab_size, cfg.n_ctx, cfg.n_layers, cfg.d_model, cfg.n_heads).to(device)
     on_gpu = device == "cuda"
@@ -186,7 +188,7 @@ def _run_worker(args: argparse.Namespace, name: str, timeout: float) -> dict:
     """PLAN[name] in a fresh process, within `timeout` seconds: its JSON, or {"error": why}."""
     command = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--steps", str(args.steps)]
     command += ["--smoke"] * args.smoke
-    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -196,7 +198,10 @@ def _run_worker(args: argparse.Namespace, name: str, timeout: float) -> dict:
         lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["(no output)"]
         raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
         return {"error": f"exit status {proc.returncode}: {(raised or lines)[-1][:600]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"no result line in its output: {proc.stdout.strip()[-300:]!r}"}
 
 
 def _report(what: str, result: dict, smoke: bool, batch: int) -> str:

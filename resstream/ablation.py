@@ -329,6 +329,19 @@ def deletion_subsets(n_layers: int, ks: Iterable[int], draws: int, seed: int = 0
     return out
 
 
+def _given_subsets(cfg: Any, subsets: Iterable[Iterable[int]], ks: Any) -> list[tuple[int, ...]]:
+    """`deletion_curve`'s `subsets` as sorted tuples of distinct layer indices, or AblationError."""
+    if ks is not None:
+        raise AblationError("give ks (random draws of k layers) or subsets (the sets to delete), not both")
+    try:
+        given = [tuple(sorted({cfg.check_layer(i, error=AblationError) for i in s})) for s in subsets]
+    except TypeError as err:
+        raise AblationError(f"subsets must be sets of layer indices, e.g. [(0, 1), (2,)], got {subsets!r}") from err
+    if not given:
+        raise AblationError("subsets is empty: give at least one set of layers to delete")
+    return given
+
+
 def deletion_curve(
     model: Transformer,
     tokens: Any,
@@ -344,14 +357,14 @@ def deletion_curve(
     """Delete k randomly chosen layers (`draws` draws per k; default k = 0..n_layers) and record the
     loss of each draw: the experiment behind "residual networks survive the removal of layers".
     `subsets`: the sets of layers to delete instead of random draws (e.g. every contiguous block),
-    all in the same one compiled call. `memory_budget`, `chunk_size`, `group_size`: as for
-    `ablation_sweep`."""
+    all in the same one compiled call (`ks`, `draws` and `seed` are then not used). `memory_budget`,
+    `chunk_size`, `group_size`: as for `ablation_sweep`."""
     cfg = model.cfg
     tokens = _checked_tokens(model, tokens)
     if subsets is None:
         subsets = deletion_subsets(cfg.n_layers, range(cfg.n_layers + 1) if ks is None else ks, draws, seed)
     else:
-        subsets = [tuple(sorted({cfg.check_layer(i, error=AblationError) for i in s})) for s in subsets]
+        subsets = _given_subsets(cfg, subsets, ks)
     if not subsets:
         raise AblationError(f"no deletions to run: give ks between 0 and {cfg.n_layers} and draws >= 1")
     ablation = stack([make_ablation(cfg, [f"L{layer}" for layer in s], "delete") for s in subsets])

@@ -72,6 +72,8 @@ def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarr
         if cfg.parallel_attn and first < n_sublayers:
             first -= first % per_layer  # a parallel block's MLP reads the layer's input: start there
         patched_at = patch_layers[j] * per_layer if patch_layers[j] >= 0 else n_sublayers
+        if patched_at < n_sublayers and first < patched_at:
+            raise ValueError(f"job {j} changes sublayer {first} before its patch at layer {patch_layers[j]}")
         start = min(first, patched_at)
         starts.append(start)
         cheap.append(bool(start < n_sublayers and start != patched_at and whole[j, start]))
@@ -81,7 +83,8 @@ def make_schedule(model: Transformer, ablation: Ablation, patch_layers: np.ndarr
 @dataclasses.dataclass(frozen=True)
 class LanePlan:
     """How much of a study runs at once: at most `lanes` lanes carried (a group of jobs), `chunk`
-    of them evaluated at once. `min_lanes`: the fewest a group can have (one per job structure)."""
+    of them evaluated at once. `min_lanes`: the fewest a group can have (one per job structure; for
+    a deep model, whose cohorts carry one chunk of lanes, `lanes` itself, so only the chunk shrinks)."""
 
     lanes: int
     chunk: int
@@ -120,7 +123,9 @@ def plan_lanes(
     chunk = chunk_size or max(1, min(fast, spare) // temporaries)
     lanes = group_size or max(1, spare // (3 * stream))  # a lane's stream, its concatenated copy, its output
     lanes = max(n_keys, min(lanes, schedule.n_jobs)) if group_size is None else max(n_keys, lanes)
-    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=n_keys)
+    # A deep model's cohorts carry one chunk of lanes (make_cohorts): only the chunk can shrink.
+    deep = cfg.n_layers > UNROLLED_LAYERS
+    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=lanes if deep else n_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +185,7 @@ def make_cohorts(model: Transformer, schedule: Schedule, plan: LanePlan) -> Coho
         return None
     first_layers = np.array(schedule.starts) // cfg.sublayers_per_layer  # n_layers: changes nothing
     order = np.argsort(first_layers, kind="stable")
-    size = max(1, min(plan.chunk, -(-schedule.n_jobs // MIN_COHORTS)))
+    size = max(1, min(plan.chunk, schedule.n_jobs // MIN_COHORTS))
     n_cohorts = -(-schedule.n_jobs // size)
     padded = np.concatenate([order, np.full(n_cohorts * size - len(order), order[-1])])  # repeats of the last job
     members = padded.reshape(n_cohorts, size)

@@ -175,8 +175,8 @@ def _run_cohorts(
     patching job's source stream copied in as it enters its patched layer."""
     cfg = model.cfg
     graphdef, weights = nnx.split(model.blocks)  # every leaf [n_layers, ...]
-    entering = jnp.concatenate([base["resid_pre"], base["resid_final"][None]])  # [n_layers + 1, batch, seq, d_model]
-    rope = model.rope(entering.shape[2])
+    resid_pre, resid_final = base["resid_pre"], base["resid_final"]  # [n_layers, batch, seq, d_model], [batch, ...]
+    rope = model.rope(resid_final.shape[1])
     members = cohorts.members
     masks = jax.tree.map(lambda m: m[members], ablation)  # [n_cohorts, n_slots, n_layers, ...]
     patch_layers = jnp.asarray(np.array(schedule.patch_layers)[members])  # [n_cohorts, n_slots]; -1: none
@@ -202,7 +202,8 @@ def _run_cohorts(
 
     def cohort(xs: tuple) -> Any:
         start, rest = xs[0], xs[1:]
-        streams = jnp.broadcast_to(entering[start], (members.shape[1], *entering.shape[1:]))
+        entering = jnp.where(start < cfg.n_layers, resid_pre[jnp.minimum(start, cfg.n_layers - 1)], resid_final)
+        streams = jnp.broadcast_to(entering, (members.shape[1], *resid_final.shape))
         streams = jax.lax.fori_loop(start, cfg.n_layers, lambda i, x: layer(i, x, rest), streams)
         if read_last is not None:
             streams = streams[:, :, -read_last:]

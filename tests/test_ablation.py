@@ -179,6 +179,12 @@ def test_a_deletion_curve_of_given_subsets_equals_their_single_deletions():
         assert abs(float(loss) - float(single)) <= 1e-5 * abs(float(single))
     with pytest.raises(A.AblationError, match=r"layer=3 is out of range: the model has layers 0..2"):
         A.deletion_curve(model, tokens, subsets=[(0,), (3,)])
+    with pytest.raises(A.AblationError, match=r"subsets must be sets of layer indices.*got \[1, 2\]"):
+        A.deletion_curve(model, tokens, subsets=[1, 2])
+    with pytest.raises(A.AblationError, match="subsets is empty"):
+        A.deletion_curve(model, tokens, subsets=[])
+    with pytest.raises(A.AblationError, match=r"give ks .* or subsets .*, not both"):
+        A.deletion_curve(model, tokens, ks=[1], subsets=[(0,)])
 
 
 def test_deletion_subsets_are_distinct_and_cover_small_k():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import built
-from resstream import ablation, analysis, patching
+from resstream import ablation, analysis, lane_plan, memory, patching
 from resstream.lane_plan import Schedule, make_groups
 from resstream.memory import MemoryBudgetError, measure_only, resolve_budget
 
@@ -38,6 +38,24 @@ def test_a_sweep_shrinks_its_plan_to_fit_the_budget_and_gives_the_same_results()
     np.testing.assert_allclose(within.direct, expected.direct, rtol=1e-5, atol=1e-7)
     with pytest.raises(MemoryBudgetError, match=r"needs .* GiB .* over its budget .* fewer or shorter sequences"):
         sweep(memory_budget=smallest.peak // 4)  # below what every plan needs
+
+
+def test_a_deep_models_sweep_shrinks_its_cohorts_to_fit_the_budget(monkeypatch):
+    """In cohorts (a deep model) the chunk is the lanes a cohort carries: one byte under the first
+    plan's peak, a smaller chunk fits, with the same results."""
+    monkeypatch.setattr(lane_plan, "UNROLLED_LAYERS", 1)
+    monkeypatch.setattr(lane_plan, "MIN_COHORTS", 1)
+    monkeypatch.setattr(memory, "_compiled", type(memory._compiled)())
+    model, tokens, _, _ = built()
+    tokens = tokens[:, :10]  # a length of its own: nothing traced unrolled is reused
+
+    def sweep(**kw):
+        return ablation.ablation_sweep(model, tokens, "heads", chunk_size=8, direct=False, **kw)
+
+    (roomy,) = _measured(lambda: sweep(memory_budget=BIG))
+    (fitted,) = _measured(lambda: sweep(memory_budget=roomy.peak - 1))
+    assert fitted.peak < roomy.peak and fitted.plan.chunk < roomy.plan.chunk == 8
+    np.testing.assert_allclose(sweep(memory_budget=roomy.peak - 1).loss, sweep(memory_budget=BIG).loss, rtol=1e-6)
 
 
 def test_patching_and_deletion_fit_their_budget():
