@@ -220,7 +220,7 @@ def _report(what: str, result: dict, smoke: bool, batch: int) -> str:
         first = "first step" if result["compiled"] else "(eager: no CUDA) first step"
     return (
         f"{what:40} {1e3 * result['step_s']:9.1f} ms/step {tokens_per_s:11,.0f} tokens/s  {mfu}"
-        f"   {first} {result['compile_s']:6.1f} s"
+        f"   {first} {result['compile_s']:6.1f} s   on {result['device']}"
     )
 
 
