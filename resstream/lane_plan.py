@@ -5,6 +5,7 @@ jobs that run together from one layer. Plain data, fixed before anything is trac
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -124,8 +125,7 @@ def plan_lanes(
     lanes = group_size or max(1, spare // (3 * stream))  # a lane's stream, its concatenated copy, its output
     lanes = max(n_keys, min(lanes, schedule.n_jobs)) if group_size is None else max(n_keys, lanes)
     # A deep model's cohorts carry one chunk of lanes (make_cohorts): only the chunk can shrink.
-    deep = cfg.n_layers > UNROLLED_LAYERS
-    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=lanes if deep else n_keys)
+    return LanePlan(lanes, max(1, min(chunk, lanes)), min_lanes=lanes if runs_in_cohorts(cfg) else n_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +162,11 @@ def make_groups(schedule: Schedule, lanes: int) -> Groups:
     return Groups(Schedule(starts, cheap, patch_layers), members.reshape(n_groups, n_slots), where)
 
 
+def runs_in_cohorts(cfg: Any) -> bool:
+    """Whether a model of `cfg`'s depth runs its jobs in cohorts (deeper than UNROLLED_LAYERS)."""
+    return cfg.n_layers > UNROLLED_LAYERS
+
+
 @dataclasses.dataclass(frozen=True)
 class Cohorts:
     """A deep model's jobs in cohorts of equal size, each run from one layer to the last.
@@ -181,7 +186,7 @@ def make_cohorts(model: Transformer, schedule: Schedule, plan: LanePlan) -> Coho
     was up to its first change; in a sweep, whose first changes spread evenly over the layers, that
     is at most about n_layers / MIN_COHORTS layers early."""
     cfg = model.cfg
-    if cfg.n_layers <= UNROLLED_LAYERS:
+    if not runs_in_cohorts(cfg):
         return None
     first_layers = np.array(schedule.starts) // cfg.sublayers_per_layer  # n_layers: changes nothing
     order = np.argsort(first_layers, kind="stable")

@@ -48,6 +48,11 @@ def _map_lanes(fn: Callable, xs: Any, chunk: int) -> Any:
     return jax.lax.map(lambda a: fn(*a), xs, batch_size=chunk)
 
 
+def _lane_stream(cfg: Any, resid: jax.Array, ablation: Ablation, values: Replacement) -> ResidualStream:
+    """One lane's stream [batch, seq, d_model] as the model carries it, under the lane's ablation."""
+    return ResidualStream(resid, {}, ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale)
+
+
 def _stream_entering(cache: Cache, cfg: Any, k: int) -> jax.Array:
     """The base run's stream [batch, seq, d_model] entering sublayer k (k = n_sublayers: final)."""
     if k == cfg.n_sublayers:
@@ -113,9 +118,7 @@ class _Lanes:
             values = jax.tree.map(lambda v: v if v.shape[1] == 1 else v[:, self.window], values)
 
         def one(resid: jax.Array, lane_ablation: Ablation, lane_reads: jax.Array | None) -> jax.Array:
-            stream = ResidualStream(
-                resid, {}, lane_ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale
-            )
+            stream = _lane_stream(cfg, resid, lane_ablation, values)
             return block.sublayer(kind, stream, rope, compute=compute, reads=lane_reads).resid
 
         return _map_lanes(one, (streams, lane_masks, reads), self.chunk_size)
@@ -179,8 +182,11 @@ def _run_cohorts(
     rope = model.rope(resid_final.shape[1])
     members = cohorts.members
     masks = jax.tree.map(lambda m: m[members], ablation)  # [n_cohorts, n_slots, n_layers, ...]
-    patch_layers = jnp.asarray(np.array(schedule.patch_layers)[members])  # [n_cohorts, n_slots]; -1: none
-    positions = None if patch is None else patch[1][members]  # [n_cohorts, n_slots, seq]
+    if patch is None:
+        patch_layers = positions = None
+    else:
+        patch_layers = jnp.asarray(np.array(schedule.patch_layers)[members])  # [n_cohorts, n_slots]; -1: none
+        positions = patch[1][members]  # [n_cohorts, n_slots, seq]
 
     def at(x: Any, index: jax.Array, axis: int = 0) -> Any:
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, axis, keepdims=False), x)
@@ -193,10 +199,7 @@ def _run_cohorts(
         block, values = nnx.merge(graphdef, at(weights, index)), at(replacement, index)
 
         def one(resid: jax.Array, lane_ablation: Ablation) -> jax.Array:
-            stream = ResidualStream(
-                resid, {}, lane_ablation, values, residual=cfg.residual, carry_scale=cfg.residual_scale
-            )
-            return block(stream, rope).resid
+            return block(_lane_stream(cfg, resid, lane_ablation, values), rope).resid
 
         return _map_lanes(one, (streams, at(cohort_masks, index, axis=1)), chunk)
 
