@@ -68,16 +68,27 @@ def _blocks(seq: int, window: int | None) -> list[tuple[int, int, int, int]]:
     return blocks
 
 
+def _visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) -> jax.Array:
+    """[q_len, k_len]: whether the query at position q_at + i may look at the key at k_at + j."""
+    q_pos = q_at + jnp.arange(q_len)[:, None]
+    k_pos = k_at + jnp.arange(k_len)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
 def _scores(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:
     """Masked scaled scores [batch, kv, group, q_len, k_len] (float32) of the query block starting
     at position q_at against the key block starting at k_at; -inf where a query may not look."""
     s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    q_pos = q_at + jnp.arange(q.shape[3])[:, None]
-    k_pos = k_at + jnp.arange(k.shape[2])[None, :]
-    visible = k_pos <= q_pos
-    if window is not None:
-        visible &= k_pos > q_pos - window
-    return jnp.where(visible, s, -jnp.inf)
+    return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window), s, -jnp.inf)
+
+
+def _scores_transposed(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:
+    """`_scores` laid out keys first: [batch, kv, group, k_len, q_len]."""
+    s = jnp.einsum("bksd,bkgqd->bkgsq", k, q, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window).T, s, -jnp.inf)
 
 
 def _grouped(q: jax.Array, n_kv: int) -> jax.Array:
@@ -127,15 +138,18 @@ def _attention_bwd(window, residuals, cotangents):
     dq_blocks = []
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
+    # The probabilities are recomputed keys first, p^T [.., k_len, q_len]: then dv = p^T dz and
+    # dk = ds^T q contract p's last axis, and only dq contracts its leading one. In the [q, k] layout
+    # two of the three would, and XLA's CPU backend transposes such an operand in memory first.
     for q0, q1, k0, k1 in _blocks(q.shape[3], window):
         qb, kb, vb, dzb = q[:, :, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], dz[:, :, :, q0:q1]
-        p = jnp.exp(_scores(qb, kb, q0, k0, window) - lse[:, :, :, q0:q1, None])
-        dp = jnp.einsum("bkgqd,bksd->bkgqs", dzb, vb, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[:, :, :, q0:q1, None]) * scale).astype(q.dtype)
-        dq_blocks.append(jnp.einsum("bkgqs,bksd->bkgqd", ds, kb, preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, k0:k1].add(jnp.einsum("bkgqs,bkgqd->bksd", ds, qb, preferred_element_type=jnp.float32))
+        p_t = jnp.exp(_scores_transposed(qb, kb, q0, k0, window) - lse[:, :, :, None, q0:q1])
+        dp_t = jnp.einsum("bksd,bkgqd->bkgsq", vb, dzb, preferred_element_type=jnp.float32)
+        ds_t = (p_t * (dp_t - delta[:, :, :, None, q0:q1]) * scale).astype(q.dtype)
+        dq_blocks.append(jnp.einsum("bkgsq,bksd->bkgqd", ds_t, kb, preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, k0:k1].add(jnp.einsum("bkgsq,bkgqd->bksd", ds_t, qb, preferred_element_type=jnp.float32))
         dv = dv.at[:, :, k0:k1].add(
-            jnp.einsum("bkgqs,bkgqd->bksd", p.astype(v.dtype), dzb, preferred_element_type=jnp.float32)
+            jnp.einsum("bkgsq,bkgqd->bksd", p_t.astype(v.dtype), dzb, preferred_element_type=jnp.float32)
         )
     dq = jnp.concatenate(dq_blocks, axis=3)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
