@@ -10,7 +10,9 @@ written out as flash attention computes it, instead of left to autodiff of a mas
 - the softmax's backward uses rowsum(dz * z) (a [seq, d_head] reduction) in place of
   rowsum(dp * p) (a [seq, seq] one);
 - queries are taken in blocks, each against only the keys it can see (causal, and the sliding
-  window), so the masked-out upper triangle is mostly never computed.
+  window), so the masked-out upper triangle is mostly never computed;
+- the backward recomputes the probabilities keys first, so that two of its three matmuls over them
+  contract their last axis (no transposed copy).
 
 Fewer passes over [seq, seq] arrays is what XLA's CPU backend needs (benchmarks/train_vs_pytorch.py);
 the result is softmax attention, equal to jax.nn.dot_product_attention's to float rounding.
