@@ -37,6 +37,7 @@ from resstream.interventions import (
 )
 from resstream.lane_plan import LanePlan, Schedule, make_schedule, plan_lanes
 from resstream.losses import next_token_loss
+from resstream.matmul import matmul, matmul_precision
 from resstream.memory import resolve_budget, run_within
 from resstream.model import Cache, Transformer, check_tokens
 from resstream.sharding import mesh_context
@@ -183,8 +184,8 @@ def _direct_losses(
     W_eff, row_scale, _ = analysis.frozen_readout(model, CacheView(cache))  # once, outside the loop
 
     def one(w: jax.Array) -> jax.Array:
-        change = jnp.tensordot(w, changes, axes=1)  # [batch, seq, d_model]
-        direct = change @ W_eff  # what the change adds to the logits through the frozen final norm
+        change = jnp.tensordot(w, changes, axes=1, precision=matmul_precision(w, changes))  # [batch, seq, d_model]
+        direct = matmul(change, W_eff)  # what the change adds to the logits through the frozen final norm
         return next_token_loss(logits + (direct if row_scale is None else direct * row_scale), tokens)
 
     return jax.lax.map(one, jnp.asarray(weights), batch_size=chunk)

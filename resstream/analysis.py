@@ -37,6 +37,7 @@ from flax import struct
 
 from resstream.cache_view import CacheView, Index, compiled_analysis
 from resstream.components import F32, attn_labels, components, frozen_readout, head_rows, post_norm, write_bias
+from resstream.matmul import matmul, matmul_precision
 from resstream.model import Cache, Transformer
 
 
@@ -146,7 +147,7 @@ def decompose_logits(
     W_eff, row_scale, bias = frozen_readout(model, view)
     # One 2-D matmul per block, then one pass that orders the rows and applies the per-position
     # scale: the [n, ..., d_model] stack is never built.
-    direct = parts.map(lambda rows: (rows.reshape(-1, rows.shape[-1]) @ W_eff).reshape(*rows.shape[:-1], -1))
+    direct = parts.map(lambda rows: matmul(rows.reshape(-1, rows.shape[-1]), W_eff).reshape(*rows.shape[:-1], -1))
     if row_scale is not None:
         direct = direct * row_scale
     bias = jnp.broadcast_to(bias, direct.shape[1:])
@@ -253,7 +254,8 @@ def neuron_results(model: Transformer, cache: Cache, layer: int, *, pos: Index =
     layer = model.cfg.check_layer(layer, error=ValueError)
     view = CacheView(cache, batch, pos)
     W_out = model.blocks.mlp.W_out[layer].astype(F32)
-    neurons = jnp.einsum("...n,nd->n...d", view["mlp_post"][layer], W_out)
+    post = view["mlp_post"][layer]
+    neurons = jnp.einsum("...n,nd->n...d", post, W_out, precision=matmul_precision(post, W_out))
     b_out = jnp.broadcast_to(write_bias(model.blocks.mlp.b_out, model, layer), neurons.shape[1:])
     labels = [f"L{layer}N{n}" for n in range(model.cfg.d_mlp)] + [f"L{layer}_b_out"]
     return Labelled(jnp.concatenate([neurons, b_out[None]], axis=0), tuple(labels))

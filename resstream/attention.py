@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from resstream.matmul import DENSE_OUTPUT
+from resstream.matmul import DENSE_OUTPUT, matmul_precision
 
 # Queries per block, each block against the keys it can see: smaller blocks skip more of the masked
 # triangle but issue more, smaller matmuls (benchmarks/train_vs_pytorch.py chose 64 on CPU). At most
@@ -70,6 +70,11 @@ def _blocks(seq: int, window: int | None) -> list[tuple[int, int, int, int]]:
     return blocks
 
 
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum` of two operands with float32 results, at `matmul_precision`."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(a, b))
+
+
 def _visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) -> jax.Array:
     """[q_len, k_len]: whether the query at position q_at + i may look at the key at k_at + j."""
     q_pos = q_at + jnp.arange(q_len)[:, None]
@@ -83,13 +88,13 @@ def _visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) -
 def _scores(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:
     """Masked scaled scores [batch, kv, group, q_len, k_len] (float32) of the query block starting
     at position q_at against the key block starting at k_at; -inf where a query may not look."""
-    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    s = _einsum("bkgqd,bksd->bkgqs", q, k) / math.sqrt(q.shape[-1])
     return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window), s, -jnp.inf)
 
 
 def _scores_transposed(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:
     """`_scores` laid out keys first: [batch, kv, group, k_len, q_len]."""
-    s = jnp.einsum("bksd,bkgqd->bkgsq", k, q, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    s = _einsum("bksd,bkgqd->bkgsq", k, q) / math.sqrt(q.shape[-1])
     return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window).T, s, -jnp.inf)
 
 
@@ -113,7 +118,7 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> tu
         top = jnp.max(s, axis=-1, keepdims=True)  # finite: every query sees itself
         p = jnp.exp(s - top)
         total = jnp.sum(p, axis=-1, keepdims=True)
-        z = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, k0:k1], preferred_element_type=jnp.float32)
+        z = _einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, k0:k1])
         zs.append((z / total).astype(q.dtype))
         lses.append((top + jnp.log(total))[..., 0])
     return jnp.concatenate(zs, axis=3), jnp.concatenate(lses, axis=3)
@@ -136,7 +141,7 @@ def _attention_bwd(window, residuals, cotangents):
     scale = 1.0 / math.sqrt(q.shape[-1])
     # rowsum(dp * p) = rowsum(dz * z) per query: the softmax backward without a [seq, seq] reduction.
     # An einsum: XLA's CPU backend runs the multiply-and-sum of two 5-D operands many times slower.
-    delta = jnp.einsum("bkgqd,bkgqd->bkgq", dz, z, preferred_element_type=jnp.float32)
+    delta = _einsum("bkgqd,bkgqd->bkgq", dz, z)
     dq_blocks = []
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -146,13 +151,11 @@ def _attention_bwd(window, residuals, cotangents):
     for q0, q1, k0, k1 in _blocks(q.shape[3], window):
         qb, kb, vb, dzb = q[:, :, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], dz[:, :, :, q0:q1]
         p_t = jnp.exp(_scores_transposed(qb, kb, q0, k0, window) - lse[:, :, :, None, q0:q1])
-        dp_t = jnp.einsum("bksd,bkgqd->bkgsq", vb, dzb, preferred_element_type=jnp.float32)
+        dp_t = _einsum("bksd,bkgqd->bkgsq", vb, dzb)
         ds_t = (p_t * (dp_t - delta[:, :, :, None, q0:q1]) * scale).astype(q.dtype)
-        dq_blocks.append(jnp.einsum("bkgsq,bksd->bkgqd", ds_t, kb, preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, k0:k1].add(jnp.einsum("bkgsq,bkgqd->bksd", ds_t, qb, preferred_element_type=jnp.float32))
-        dv = dv.at[:, :, k0:k1].add(
-            jnp.einsum("bkgsq,bkgqd->bksd", p_t.astype(v.dtype), dzb, preferred_element_type=jnp.float32)
-        )
+        dq_blocks.append(_einsum("bkgsq,bksd->bkgqd", ds_t, kb))
+        dk = dk.at[:, :, k0:k1].add(_einsum("bkgsq,bkgqd->bksd", ds_t, qb))
+        dv = dv.at[:, :, k0:k1].add(_einsum("bkgsq,bkgqd->bksd", p_t.astype(v.dtype), dzb))
     dq = jnp.concatenate(dq_blocks, axis=3)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

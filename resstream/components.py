@@ -18,6 +18,7 @@ import numpy as np
 
 from resstream.cache_view import CacheView
 from resstream.config import SUBLAYER_NORM
+from resstream.matmul import matmul, matmul_precision
 from resstream.model import Transformer
 
 F32 = jnp.float32
@@ -133,7 +134,8 @@ def _stacked_writes(model: Transformer, view: CacheView, point: int, split_heads
 def _all_head_rows(model: Transformer, view: CacheView, n_layers: int) -> jax.Array:
     """[n_layers, n_heads + 1, ..., d_model]: each head's write, then b_O, for layers < n_layers."""
     W_O = model.blocks.attn.W_O[:n_layers].astype(F32)
-    heads = jnp.einsum("l...he,lhed->lh...d", view["z"][:n_layers], W_O)
+    z = view["z"][:n_layers]
+    heads = jnp.einsum("l...he,lhed->lh...d", z, W_O, precision=matmul_precision(z, W_O))
     b_O = write_bias(model.blocks.attn.b_O, model, slice(n_layers))
     b_O = jnp.broadcast_to(b_O.reshape(n_layers, 1, *([1] * (heads.ndim - 3)), -1), (n_layers, 1, *heads.shape[2:]))
     return jnp.concatenate([heads, b_O], axis=1)
@@ -143,7 +145,8 @@ def head_rows(model: Transformer, view: CacheView, layer: int) -> jax.Array:
     """[n_heads + 1, ..., d_model]: z_h @ W_O[h] for each head of `layer` (0..n_layers-1), then b_O,
     read from a `CacheView`. `head_results` is the same from a cache, with labels."""
     W_O = model.blocks.attn.W_O[layer].astype(F32)
-    heads = jnp.einsum("...he,hed->h...d", view["z"][layer], W_O)
+    z = view["z"][layer]
+    heads = jnp.einsum("...he,hed->h...d", z, W_O, precision=matmul_precision(z, W_O))
     b_O = jnp.broadcast_to(write_bias(model.blocks.attn.b_O, model, layer), heads.shape[1:])
     return jnp.concatenate([heads, b_O[None]], axis=0)
 
@@ -163,5 +166,5 @@ def frozen_readout(model: Transformer, view: CacheView) -> tuple[jax.Array, jax.
     W_eff = model.ln_final.w[...].astype(F32)[:, None] * W_U
     if model.cfg.norm == "layernorm":
         W_eff = W_eff - jnp.mean(W_eff, axis=0, keepdims=True)
-        bias = bias + model.ln_final.b[...].astype(F32) @ W_U
+        bias = bias + matmul(model.ln_final.b[...].astype(F32), W_U)
     return W_eff, 1.0 / view["ln_final_scale"], bias

@@ -18,7 +18,7 @@ from resstream.activations import gelu
 from resstream.attention import causal_attention
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
-from resstream.matmul import dense
+from resstream.matmul import dense, matmul_precision
 from resstream.rotary import apply_rotary
 from resstream.sharding import BATCH_AXES, constrain
 
@@ -151,7 +151,8 @@ def _causal_pattern(q: jax.Array, k: jax.Array, window: int | None) -> jax.Array
     and k [batch, seq, n_kv_heads, d_head]."""
     seq = q.shape[1]
     k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads key head h // group
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q, k))
+    scores = scores / math.sqrt(q.shape[-1])
     visible = jnp.tril(jnp.ones((seq, seq), dtype=bool))
     if window is not None:
         visible &= jnp.triu(jnp.ones((seq, seq), dtype=bool), 1 - window)

@@ -9,8 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from resstream import ModelConfig, Transformer, analysis
+from resstream.ablation import ablation_sweep
 from resstream.attention import remat_policy
+from resstream.losses import cross_entropy
 from resstream.matmul import dense
 
 
@@ -51,3 +55,55 @@ def test_the_dots_remat_policy_keeps_dense_outputs():
     with contextlib.redirect_stdout(out):
         jax.ad_checkpoint.print_saved_residuals(f, jnp.ones((8, 4)), jnp.ones((4, 6)))
     assert "f32[8,6] named 'dense_output'" in out.getvalue()
+
+
+@contextlib.contextmanager
+def programs_dumped_to(directory):
+    """Every program JAX compiles inside the block, written to `directory` as StableHLO."""
+    jax.config.update("jax_dump_ir_to", str(directory))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_dump_ir_to", "")
+
+
+def matmuls(directory) -> list[str]:
+    """The dot_general lines of every program dumped to `directory`."""
+    lines = [line for path in directory.glob("*.mlir") for line in path.read_text().splitlines()]
+    return [line for line in lines if "stablehlo.dot_general" in line]
+
+
+def test_a_float32_model_and_its_analyses_multiply_in_float32_on_every_backend(tmp_path):
+    """By default a GPU multiplies float32 matrices in TF32 and a TPU in one bfloat16 pass (about 1e-3
+    relative), and the decomposition would then miss the logits. Every matmul of the forward pass,
+    its gradient, the analyses and a sweep asks for HIGHEST, which on CPU changes nothing, so the
+    programs are read rather than run. (A shape of its own: programs compiled before are not
+    compiled, hence not dumped, again.)"""
+    cfg = ModelConfig(vocab_size=40, n_layers=2, d_model=24, n_heads=3, n_ctx=12, n_kv_heads=1, unembed_bias=False)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 40)
+    graphdef, params = nnx.split(model)
+    loss = lambda params: cross_entropy(nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:])  # noqa: E731
+    with programs_dumped_to(tmp_path):
+        _, cache = model.run_with_cache(tokens, record=("mlp_post",))
+        analysis.decompose_logits(model, cache, split_heads=True)
+        analysis.logit_attrs(model, cache, tokens, split_heads=True)
+        analysis.neuron_results(model, cache, 1)
+        ablation_sweep(model, tokens, "heads")
+        jax.jit(jax.grad(loss))(params)
+    dots = matmuls(tmp_path)
+    assert len(dots) > 20
+    assert [d for d in dots if "precision = [HIGHEST, HIGHEST]" not in d] == []
+
+
+def test_a_16_bit_model_takes_its_gradient_in_16_bit_matmuls(tmp_path):
+    """The unembedding gives float32 logits from bfloat16 operands; its gradient's matmuls still take
+    bfloat16 operands (as its forward did), not the float32 gradient of the logits."""
+    cfg = ModelConfig(vocab_size=40, n_layers=2, d_model=24, n_heads=3, n_ctx=12, dtype="bfloat16")
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (2, 13), 0, 40)
+    loss = lambda params: cross_entropy(nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:])  # noqa: E731
+    with programs_dumped_to(tmp_path):
+        jax.jit(jax.grad(loss))(params)
+    operands = [d.split(" : (")[1].split(") ->")[0] for d in matmuls(tmp_path)]
+    assert len(operands) > 10 and [o for o in operands if "f32" in o] == []
