@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resstream.activations import gelu
 from resstream.attention import causal_attention
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
@@ -186,6 +185,6 @@ class MLP(nnx.Module):
             gate = constrain(add_bias(dense(flat, self.W_gate[...].astype(dt)), self.b_gate), BATCH_AXES, "tensor")
             post = jax.nn.silu(gate) * pre
         else:
-            post = gelu(pre, approximate=self.kind == "gelu")
+            post = jax.nn.gelu(pre, approximate=self.kind == "gelu")
         out = constrain(add_bias(dense(post, self.W_out[...].astype(dt)), self.b_out), BATCH_AXES, None)
         return out.reshape(batch, seq, d_model), post.reshape(batch, seq, -1)
