@@ -42,7 +42,9 @@ from resstream.train import OptimizerConfig, init_state, make_optimizer, optimiz
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
