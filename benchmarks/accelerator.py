@@ -21,6 +21,9 @@ The order is the order of importance:
      - `decompose_logits(split_heads, pos=-1)` + `logit_attrs(split_heads)` at every position;
      - `ablation_sweep("heads")`: 144 zero-ablations.
      Each is timed on its first call (compile) and then as the median of later calls.
+     Then how far the decomposition at the last position is from the logits (largest difference
+     over the largest logit), for the model and for a float32 copy: float32 matmuls must run in
+     float32 (no TF32), which makes that about 1e-6.
   4. Remat "none" and "full", attention "xla" with "dots", then "dots" with telemetry on (the
      training loop's default).
 
@@ -181,7 +184,22 @@ def analysis_worker(smoke: bool, steps: int) -> dict:
             jax.block_until_ready(call())
             times.append(time.perf_counter() - start)
         out[name] = {"first_s": first, "median_s": statistics.median(times)}
+    out["exactness"] = {cfg.dtype: decomposition_error(model, tokens)}
+    float32 = Transformer(model_config(smoke, dtype="float32"), rngs=nnx.Rngs(0))
+    out["exactness"]["float32"] = decomposition_error(float32, tokens)
     return out
+
+
+def decomposition_error(model, tokens) -> float:
+    """max |sum of decompose_logits rows - logits| / max |logits| at the last position."""
+    import jax.numpy as jnp
+
+    from resstream import analysis
+
+    logits, cache = model.run_with_cache(tokens)
+    rows = analysis.decompose_logits(model, cache, pos=-1).values
+    last = logits[:, -1].astype(jnp.float32)
+    return float(jnp.max(jnp.abs(rows.sum(0) - last)) / jnp.max(jnp.abs(last)))
 
 
 def _run_worker(args: argparse.Namespace, name: str, timeout: float) -> dict:
@@ -208,10 +226,13 @@ def _report(what: str, result: dict, smoke: bool, batch: int) -> str:
     if "error" in result:
         return f"{what:40} FAILED: {result['error']}"
     if what == "analysis":
-        return "\n".join(
+        exactness = result.pop("exactness")
+        lines = [
             f"  {name:44} first call {r['first_s']:7.2f} s   then {1e3 * r['median_s']:9.2f} ms"
             for name, r in result.items()
-        )
+        ]
+        errors = ", ".join(f"{dtype} model {error:.1e}" for dtype, error in exactness.items())
+        return "\n".join([*lines, f"  decomposition - logits, relative: {errors} (float32: about 1e-6 expected)"])
     tokens_per_s = batch * model_config(smoke).n_ctx / result["step_s"]
     peak = _peak(result["device"])
     mfu = f"MFU {_flops_per_token(smoke) * tokens_per_s / peak:6.1%}" if peak else f"(no peak for {result['device']})"

@@ -1,6 +1,7 @@
 """benchmarks/accelerator.py, the one command a session with a GPU runs, works end to end: at its
 tiny --smoke shape on this CPU, each of its worker kinds runs in its own process and reports."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ def test_the_smoke_run_reports_the_train_step_and_every_analysis_call():
     assert any(line.startswith("nanoGPT") for line in lines)  # measured, or skipped without torch
     for call in ("run_with_cache", "decompose_logits + logit_attrs", "ablation_sweep(heads), 4 ablations"):
         assert any(line.strip().startswith(call) and "first call" in line for line in lines), proc.stdout
+    errors = re.search(r"decomposition - logits, relative: bfloat16 model (\S+), float32 model (\S+) ", proc.stdout)
+    assert errors and float(errors[2]) < 1e-5 < float(errors[1]) < 2e-2, proc.stdout
 
 
 @pytest.mark.slow
