@@ -54,10 +54,9 @@ def _dense_fwd(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None) -> tuple
 def _weight_grad_cpu(x: jax.Array, dy: jax.Array) -> jax.Array:
     """x^T @ dy [k, m] with the narrower of x [n, k] and dy [n, m] transposed in memory first (the
     optimisation barriers keep XLA from folding the transposes back into the matmul)."""
-    precision = matmul_precision(x, dy)
     if x.shape[1] <= dy.shape[1]:
-        return jnp.matmul(lax.optimization_barrier(x.T), dy, precision=precision)
-    return lax.optimization_barrier(jnp.matmul(lax.optimization_barrier(dy.T), x, precision=precision)).T
+        return matmul(lax.optimization_barrier(x.T), dy)
+    return lax.optimization_barrier(matmul(lax.optimization_barrier(dy.T), x)).T
 
 
 def _dense_bwd(out_dtype: jnp.dtype | None, residuals: tuple, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
