@@ -59,18 +59,26 @@ def test_the_dots_remat_policy_keeps_dense_outputs():
 
 @contextlib.contextmanager
 def programs_dumped_to(directory):
-    """Every program JAX compiles inside the block, written to `directory` as StableHLO."""
+    """Every program JAX compiles inside the block, written to `directory` as StableHLO (for this
+    process's platform: a `lax.platform_dependent` branch for another is not in it)."""
+    before = jax.config.read("jax_dump_ir_to")
     jax.config.update("jax_dump_ir_to", str(directory))
     try:
         yield
     finally:
-        jax.config.update("jax_dump_ir_to", "")
+        jax.config.update("jax_dump_ir_to", before)
 
 
-def matmuls(directory) -> list[str]:
-    """The dot_general lines of every program dumped to `directory`."""
-    lines = [line for path in directory.glob("*.mlir") for line in path.read_text().splitlines()]
-    return [line for line in lines if "stablehlo.dot_general" in line]
+def matmuls(directory, *programs: str) -> list[str]:
+    """The dot_general lines of every program dumped to `directory`, and of `programs` (text)."""
+    texts = [path.read_text() for path in directory.glob("*.mlir")] + list(programs)
+    return [line for text in texts for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+
+def gradient_on_accelerators(loss, params) -> list[str]:
+    """`jax.grad(loss)` lowered for GPU and TPU, whose branches of `dense`'s gradient CPU lacks."""
+    traced = jax.jit(jax.grad(loss)).trace(params)
+    return [traced.lower(lowering_platforms=(platform,)).as_text() for platform in ("cuda", "tpu")]
 
 
 def test_a_float32_model_and_its_analyses_multiply_in_float32_on_every_backend(tmp_path):
@@ -91,7 +99,7 @@ def test_a_float32_model_and_its_analyses_multiply_in_float32_on_every_backend(t
         analysis.neuron_results(model, cache, 1)
         ablation_sweep(model, tokens, "heads")
         jax.jit(jax.grad(loss))(params)
-    dots = matmuls(tmp_path)
+    dots = matmuls(tmp_path, *gradient_on_accelerators(loss, params))
     assert len(dots) > 20
     assert [d for d in dots if "precision = [HIGHEST, HIGHEST]" not in d] == []
 
@@ -105,5 +113,6 @@ def test_a_16_bit_model_takes_its_gradient_in_16_bit_matmuls(tmp_path):
     loss = lambda params: cross_entropy(nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:])  # noqa: E731
     with programs_dumped_to(tmp_path):
         jax.jit(jax.grad(loss))(params)
-    operands = [d.split(" : (")[1].split(") ->")[0] for d in matmuls(tmp_path)]
+    dots = matmuls(tmp_path, *gradient_on_accelerators(loss, params))
+    operands = [d.split(" : (")[1].split(") ->")[0] for d in dots]
     assert len(operands) > 10 and [o for o in operands if "f32" in o] == []
