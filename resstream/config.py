@@ -22,6 +22,9 @@ ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "dots", "full")
 ATTENTIONS = ("auto", "xla", "cudnn")
+# The largest d_head cuDNN's fused attention takes: on Hopper (compute capability 9.0) and later
+# GPUs; earlier ones take up to 128 (resstream.devices.cudnn_max_d_head).
+CUDNN_MAX_D_HEAD = 256
 # The norm that each kind of sublayer owns (its parameters blocks.ln1 / blocks.ln2, its recorded
 # scale "ln1_scale" / "ln2_scale"): pre-LN reads the stream through it, post-LN applies it after the write.
 SUBLAYER_NORM = {"attn": "ln1", "mlp": "ln2"}
@@ -98,7 +101,8 @@ class ModelConfig:
     remat: str = "dots"
     # The attention that computes z (resstream/attention.py): "auto" takes cuDNN's fused (flash)
     # attention on an NVIDIA GPU where cuDNN takes the shapes (16-bit compute, d_head a multiple of 8
-    # up to 128), and XLA ops with a flash-style backward everywhere else; "xla" or "cudnn" insist on one.
+    # up to 128, or 256 on Hopper and later), and XLA ops with a flash-style backward everywhere else;
+    # "xla" or "cudnn" insist on one.
     attention: str = "auto"
 
     def __post_init__(self) -> None:
@@ -121,7 +125,7 @@ class ModelConfig:
             )
         if self.attention == "cudnn" and not self.cudnn_fits:
             raise ConfigError(
-                f"attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to 128 "
+                f"attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to {CUDNN_MAX_D_HEAD} "
                 f"(cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
                 "use attention='auto', which falls back to XLA's"
             )
@@ -171,9 +175,9 @@ class ModelConfig:
 
     @property
     def cudnn_fits(self) -> bool:
-        """Whether cuDNN's fused attention takes this model's shapes: 16-bit compute and d_head a
-        multiple of 8, at most 128."""
-        return self.dtype in ("bfloat16", "float16") and self.d_head % 8 == 0 and self.d_head <= 128
+        """Whether cuDNN's fused attention takes this model's shapes on some GPU: 16-bit compute and
+        d_head a multiple of 8, at most 256 (at most 128 before Hopper: `devices.cudnn_max_d_head`)."""
+        return self.dtype in ("bfloat16", "float16") and self.d_head % 8 == 0 and self.d_head <= CUDNN_MAX_D_HEAD
 
     def check_layer(
         self, layer: int, *, what: str = "layer", error: type[Exception] = IndexError, hint: str = ""

@@ -1,6 +1,8 @@
 """resstream.attention against a float64 masked softmax written out in numpy: values and gradients,
 for multi-head and grouped-query attention, sliding windows, and sequences cut into many blocks."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 import resstream.attention as attention
 from resstream.attention import causal_attention
+from resstream.devices import cudnn_max_d_head
 
 
 def _reference(q, k, v, window):
@@ -100,3 +103,27 @@ def test_remat_dots_keeps_cudnn_attentions_outputs_for_the_backward(monkeypatch,
         jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=attention.remat_policy(remat)), q, q, q)
         saved = capsys.readouterr().out
         assert saved.count(f"output of {attention.CUDNN_FORWARD}") == kept, saved
+
+
+@pytest.mark.parametrize("capability", ["8.0", "9.0"])
+def test_cudnn_takes_the_head_widths_resstream_gives_it_on_each_gpu(monkeypatch, capability):
+    """`cudnn_max_d_head` agrees with jax's own check of cuDNN's head width: on a GPU of this
+    compute capability the widest head it allows lowers (gradient included) and 8 more are refused.
+    Lowered for CUDA here, never compiled, with jax's version and capability checks stubbed."""
+    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(cudnn, name) for name in ("check_cudnn_version", "check_compute_capability")):
+        pytest.skip("this JAX checks cuDNN's version or the GPU elsewhere")
+    at_least = lambda wanted: tuple(map(int, capability.split("."))) >= tuple(map(int, wanted.split(".")))  # noqa: E731
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", at_least)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda wanted: wanted == capability)
+    widest = cudnn_max_d_head(SimpleNamespace(compute_capability=capability))
+
+    def lower(d_head: int) -> str:
+        q = jax.ShapeDtypeStruct((1, 128, 2, d_head), jnp.bfloat16)
+        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, None, "cudnn").astype(jnp.float32))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert "cudnn" in lower(widest)
+    with pytest.raises(NotImplementedError, match="head dim"):
+        lower(widest + 8)

@@ -37,7 +37,7 @@ def test_round_trip_through_dict():
         (dict(norm_eps=0.0), "norm_eps must be positive"),
         (dict(attention="flash"), "attention='flash' is not supported: choose one of ['auto', 'xla', 'cudnn']"),
         (dict(attention="cudnn"), "attention='cudnn' needs dtype bfloat16 or float16"),
-        (dict(attention="cudnn", dtype="bfloat16", d_model=256, n_heads=1), "d_head=256"),
+        (dict(attention="cudnn", dtype="bfloat16", d_model=512, n_heads=1), "d_head=512"),
     ],
 )
 def test_invalid_configs_name_the_field_and_the_fix(fields, message):
@@ -51,17 +51,21 @@ def test_unknown_field_in_dict():
         ModelConfig.from_dict({"n_layer": 3})
 
 
-H100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+H100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+A100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
 
 
 @pytest.mark.parametrize(
     ("fields", "device", "implementation"),
     [
         (dict(dtype="bfloat16"), H100, "cudnn"),
-        (dict(dtype="float16", d_model=1024, n_heads=8), H100, "cudnn"),  # d_head 128: cuDNN's largest
+        (dict(dtype="float16", d_model=1024, n_heads=8), H100, "cudnn"),  # d_head 128
         (dict(dtype="float32"), H100, "xla"),  # cuDNN's fused attention takes 16-bit inputs only
         (dict(dtype="bfloat16", d_model=48, n_heads=4), H100, "xla"),  # d_head 12: not a multiple of 8
-        (dict(dtype="bfloat16", d_model=256, n_heads=1), H100, "xla"),  # d_head 256: too large
+        (dict(dtype="bfloat16", d_model=256, n_heads=1), H100, "cudnn"),  # d_head 256: Hopper takes it
+        (dict(dtype="bfloat16", d_model=256, n_heads=1), A100, "xla"),  # before Hopper, 128 at most
+        (dict(dtype="bfloat16", d_model=1024, n_heads=8), A100, "cudnn"),
+        (dict(dtype="bfloat16", d_model=512, n_heads=1), H100, "xla"),  # d_head 512: too large anywhere
         (dict(dtype="bfloat16", attention="xla"), H100, "xla"),
         (dict(dtype="bfloat16"), SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"), "xla"),
         (dict(dtype="bfloat16"), SimpleNamespace(platform="cpu", device_kind="cpu"), "xla"),
@@ -70,6 +74,13 @@ H100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
 )
 def test_auto_attention_takes_cudnn_only_where_it_applies(fields, device, implementation):
     assert attention_implementation(ModelConfig(**fields), device) == implementation
+
+
+def test_cudnn_attention_with_heads_too_wide_for_the_gpu_is_refused():
+    cfg = ModelConfig(dtype="bfloat16", d_model=256, n_heads=1, attention="cudnn")
+    assert attention_implementation(cfg, H100) == "cudnn"
+    with pytest.raises(ConfigError, match="d_head=256: cuDNN's fused attention takes d_head up to 128 on 'NVIDIA A100"):
+        attention_implementation(cfg, A100)
 
 
 def test_cudnn_attention_off_an_nvidia_gpu_is_refused():
