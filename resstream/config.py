@@ -125,8 +125,8 @@ class ModelConfig:
             )
         if self.attention == "cudnn" and not self.cudnn_fits:
             raise ConfigError(
-                f"attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to {CUDNN_MAX_D_HEAD} "
-                f"(cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
+                "attention='cudnn' needs dtype bfloat16 or float16 and d_head a multiple of 8 up to "
+                f"{CUDNN_MAX_D_HEAD} (cuDNN's fused attention), got dtype={self.dtype!r}, d_head={self.d_head}: "
                 "use attention='auto', which falls back to XLA's"
             )
 
