@@ -230,7 +230,7 @@ def _run_sweep(
     hint = f": use fewer or shorter sequences than {tuple(tokens.shape)}"
     with mesh_context(state):
         return run_within(
-            _sweep, (state, tokens, ablation, replacement), static, budget=budget, what=what, hint=hint,
+            _sweep, (state, tokens, ablation, replacement), static, budget=memory_budget, what=what, hint=hint,
             smaller=LanePlan.smaller,
         )  # fmt: skip
 

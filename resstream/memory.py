@@ -13,7 +13,11 @@ does not fit the call raises `MemoryBudgetError` before anything runs.
     >>> measured[0].peak / 2**30
 
 The budget defaults to `DEFAULT_FRACTION` of the device's memory: what XLA may allocate on a GPU or
-TPU, the machine's physical memory on CPU. Inside a user's `jit` nothing is compiled separately, so
+TPU, the machine's physical memory on CPU. With the default budget a GPU or TPU call must also fit in
+what is free there now: the peak less the arguments already on the device must fit in the bytes not
+in use (arrays a notebook still holds are in use), so a call that would run out of device memory
+shrinks its plan or raises `MemoryBudgetError` instead. A budget given explicitly is the whole check.
+Inside a user's `jit` nothing is compiled separately, so
 nothing is checked there: the call inlines into the user's program with the plan it would start from.
 """
 
@@ -47,6 +51,28 @@ def device_memory(device: jax.Device | None = None) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def free_device_memory(device: jax.Device | None = None) -> int | None:
+    """Bytes XLA can still allocate on a GPU or TPU now (its limit less what is in use); None on CPU,
+    or where the device reports no such statistics."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats or "bytes_in_use" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
+
+
+def resident_bytes(leaves: list, device: jax.Device | None = None) -> int:
+    """Bytes of `leaves` already held on `device` (default: the first): jax arrays' shards there."""
+    device = device or jax.devices()[0]
+    return sum(
+        shard.data.nbytes
+        for x in leaves
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        for shard in x.addressable_shards
+        if shard.device == device
+    )
+
+
 def resolve_budget(budget: int | None) -> int:
     """`budget` in bytes, or by default `DEFAULT_FRACTION` of the device's memory."""
     if budget is None:
@@ -75,6 +101,10 @@ class Measured:
     peak: int
     budget: int
     plan: Any = None
+    # With the default budget on a GPU or TPU: the bytes free on the device when the call was
+    # checked, and the bytes of its arguments already there (peak - resident had to fit in free).
+    free: int | None = None
+    resident: int = 0
 
 
 _measuring: contextvars.ContextVar[list[Measured] | None] = contextvars.ContextVar("measuring", default=None)
@@ -142,20 +172,33 @@ def run_within(
     leaves, treedef = jax.tree.flatten(args)
     if any(isinstance(x, jax.core.Tracer) for x in leaves) or jax.config.jax_disable_jit:
         return fn(*args, **static)  # inside a user's jit (or none): nothing to check
+    free = free_device_memory() if budget is None else None
+    resident = resident_bytes(leaves) if free is not None else 0
     budget = resolve_budget(budget)
     while True:
         compiled, peak = _compile(fn, leaves, treedef, static)
-        if peak <= budget:
+        if peak <= budget and (free is None or peak - resident <= free):
             break
         plan = smaller(static["plan"]) if smaller is not None and "plan" in static else None
         if plan is None:
-            raise MemoryBudgetError(
-                f"{what} needs {gib(peak)} of device memory (XLA's compiled peak), over its budget of {gib(budget)}"
-                f"{hint}; or raise memory_budget= (in bytes) if the device has the room"
-            )
+            raise MemoryBudgetError(_too_big(what, peak, budget, free, resident, hint))
         static["plan"] = plan
     measured = _measuring.get()
     if measured is not None:
-        measured.append(Measured(what, peak, budget, static.get("plan")))
+        measured.append(Measured(what, peak, budget, static.get("plan"), free, resident))
         return jax.eval_shape(lambda *a: fn(*a, **static), *args)
     return compiled(leaves)
+
+
+def _too_big(what: str, peak: int, budget: int, free: int | None, resident: int, hint: str) -> str:
+    """The error for a call whose smallest plan does not fit: over its budget, or over what is free."""
+    if peak > budget:
+        return (
+            f"{what} needs {gib(peak)} of device memory (XLA's compiled peak), over its budget of {gib(budget)}"
+            f"{hint}; or raise memory_budget= (in bytes) if the device has the room"
+        )
+    return (
+        f"{what} needs {gib(peak - resident)} of device memory beyond its arguments (XLA's compiled peak), but "
+        f"only {gib(free)} is free on the device now{hint}; or free arrays you no longer need (caches, "
+        "other models), or pass memory_budget= (in bytes) to check against a budget of your own instead"
+    )

@@ -143,7 +143,7 @@ def _run(
     hint = f": use fewer or shorter prompts than {tuple(clean.shape)}"
     with mesh_context(state):
         return run_within(
-            _patched, (state, clean, corrupted, masks, jnp.asarray(positions), args), static, budget=budget,
+            _patched, (state, clean, corrupted, masks, jnp.asarray(positions), args), static, budget=memory_budget,
             what=f"patching {n_jobs} (layer, position) pairs", hint=hint, smaller=LanePlan.smaller,
         )  # fmt: skip
 
