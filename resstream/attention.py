@@ -75,7 +75,7 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=matmul_precision(a, b))
 
 
-def _visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) -> jax.Array:
+def visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) -> jax.Array:
     """[q_len, k_len]: whether the query at position q_at + i may look at the key at k_at + j."""
     q_pos = q_at + jnp.arange(q_len)[:, None]
     k_pos = k_at + jnp.arange(k_len)[None, :]
@@ -89,13 +89,13 @@ def _scores(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None
     """Masked scaled scores [batch, kv, group, q_len, k_len] (float32) of the query block starting
     at position q_at against the key block starting at k_at; -inf where a query may not look."""
     s = _einsum("bkgqd,bksd->bkgqs", q, k) / math.sqrt(q.shape[-1])
-    return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window), s, -jnp.inf)
+    return jnp.where(visible(q_at, q.shape[3], k_at, k.shape[2], window), s, -jnp.inf)
 
 
 def _scores_transposed(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:
     """`_scores` laid out keys first: [batch, kv, group, k_len, q_len]."""
     s = _einsum("bksd,bkgqd->bkgsq", k, q) / math.sqrt(q.shape[-1])
-    return jnp.where(_visible(q_at, q.shape[3], k_at, k.shape[2], window).T, s, -jnp.inf)
+    return jnp.where(visible(q_at, q.shape[3], k_at, k.shape[2], window).T, s, -jnp.inf)
 
 
 def _grouped(q: jax.Array, n_kv: int) -> jax.Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resstream.attention import causal_attention
+from resstream.attention import causal_attention, visible
 from resstream.config import ModelConfig
 from resstream.devices import attention_implementation
 from resstream.matmul import dense, matmul_precision
@@ -152,10 +152,7 @@ def _causal_pattern(q: jax.Array, k: jax.Array, window: int | None) -> jax.Array
     k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads key head h // group
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32, precision=matmul_precision(q, k))
     scores = scores / math.sqrt(q.shape[-1])
-    visible = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    if window is not None:
-        visible &= jnp.triu(jnp.ones((seq, seq), dtype=bool), 1 - window)
-    return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jax.nn.softmax(jnp.where(visible(0, seq, 0, seq, window), scores, -jnp.inf), axis=-1)
 
 
 class MLP(nnx.Module):
