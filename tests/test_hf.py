@@ -453,3 +453,46 @@ def test_a_failed_save_leaves_nothing_and_an_existing_export_is_kept(tmp_path, m
     hf.save(_model(**EXPORTS["gpt2"][0] | {"n_ctx": 24}), ByteTokenizer(), tmp_path / "export", overwrite=True)
     assert json.loads((tmp_path / "export" / "config.json").read_text())["n_positions"] == 24
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+@pytest.mark.slow
+def test_a_model_sharded_across_two_hosts_saves_whole_from_process_0(tmp_path):
+    """hf.save called on both hosts of a model sharded across them (two processes joined by
+    jax.distributed, one CPU device each): the parameters are gathered, process 0 writes, and the
+    export equals the one-process model's; saving again over it is refused on both hosts."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import two_hosts_hf
+
+    from conftest import xla_env
+
+    root = Path(__file__).resolve().parent.parent
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = str(root / "tests" / "two_hosts_hf.py")
+    hosts = [
+        subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path)], cwd=root, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=xla_env(devices=None))
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [host.communicate(timeout=300) for host in hosts]
+    for host, (_, err) in zip(hosts, outputs, strict=True):
+        assert host.returncode == 0, err[-3000:]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert all(r["across_hosts"] for r in reports)
+    assert "export exists: choose a new directory" in reports[0]["again"]
+    assert "process 0 refused to write the checkpoint" in reports[1]["again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial directory left
+    loaded, _ = hf.load(tmp_path / "export")
+    expected, got = (
+        {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(nnx.state(m, nnx.Param))}
+        for m in (Transformer(two_hosts_hf.CFG, rngs=nnx.Rngs(0)), loaded)
+    )
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)

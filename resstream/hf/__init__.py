@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -244,16 +245,21 @@ def save(
     `transformers.AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer` load it. Raises
     HFError naming the field when no family computes this model. Written into a temporary directory
     beside `path`, then renamed: a failure leaves `path` as it was. An existing non-empty `path` is
-    replaced only with `overwrite=True`."""
+    replaced only with `overwrite=True`.
+
+    On many hosts (`jax.distributed`), call it on every host with the same arguments: parameters
+    sharded across hosts are gathered (a collective) and process 0 writes. When process 0 cannot
+    write to `path`, every host raises an HFError (process 0's says why)."""
     path = Path(path).expanduser()
-    if path.exists() and not (overwrite and path.is_dir()) and not (path.is_dir() and not any(path.iterdir())):
-        raise HFError(f"{path} exists: choose a new directory, or pass overwrite=True to replace it")
+    _same_on_every_host(_target_problem(path, overwrite) if jax.process_index() == 0 else None)
     cfg = model.cfg
     params = {
-        ".".join(str(k.key) for k in p): np.asarray(v)
+        ".".join(str(k.key) for k in p): _on_this_host(v)
         for p, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     }
     hf_config, tensors = export(cfg, params.get)
+    if jax.process_index() != 0:
+        return
     tokenizer_json = _tokenizer_json(tokenizer, cfg)
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # AutoTokenizer then takes tokenizer.json as it is
@@ -262,6 +268,30 @@ def save(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_directory(path, lambda out: _write(out, hf_config, tensors, tokenizer_json, tokenizer_config))
+
+
+def _target_problem(path: Path, overwrite: bool) -> str | None:
+    """Why `save` may not write to `path`, or None."""
+    if path.exists() and not (overwrite and path.is_dir()) and not (path.is_dir() and not any(path.iterdir())):
+        return f"{path} exists: choose a new directory, or pass overwrite=True to replace it"
+    return None
+
+
+def _same_on_every_host(problem: str | None) -> None:
+    """Raise HFError(`problem`) (found on process 0) on every host, so that none goes on to wait in
+    the gather for a host that stopped."""
+    if jax.process_count() > 1:
+        stopped = int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
+        problem = problem or ("process 0 refused to write the checkpoint: see its error" if stopped else None)
+    if problem:
+        raise HFError(problem)
+
+
+def _on_this_host(x: jax.Array) -> np.ndarray:
+    """`x` whole as a numpy array; gathered from every host (a collective) when sharded across them."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _write(out: Path, hf_config: dict, tensors: dict, tokenizer_json: str, tokenizer_config: dict) -> None:
