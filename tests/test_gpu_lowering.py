@@ -51,12 +51,19 @@ def _cudnn_calls(text: str) -> tuple[int, int]:
     return sum(BACKWARD not in c for c in calls), sum(BACKWARD in c for c in calls)
 
 
-@pytest.mark.parametrize(("remat", "forwards"), [("none", 1), ("dots", 1), ("full", 2)])
-def test_the_train_step_lowers_for_cuda_with_cudnn_attention(on_an_h100, remat, forwards):
+# Mistral's architecture: rotary positions, grouped-query attention, a sliding window, RMSNorm, SwiGLU
+MISTRAL = dict(positions="rotary", n_kv_heads=1, sliding_window=8, norm="rmsnorm", mlp="swiglu")
+
+
+@pytest.mark.parametrize(
+    ("remat", "forwards", "architecture"),
+    [("none", 1, {}), ("dots", 1, {}), ("full", 2, {}), ("dots", 1, MISTRAL)],
+)
+def test_the_train_step_lowers_for_cuda_with_cudnn_attention(on_an_h100, remat, forwards, architecture):
     """One forward call in the layer scan's body, and one more (the recomputation) under "full"
     only: "dots" keeps cuDNN's outputs for the backward."""
     optimizer = make_optimizer(OptimizerConfig(warmup_steps=0, total_steps=10))
-    graphdef, state = init_state(_model(remat=remat), optimizer, 0)
+    graphdef, state = init_state(_model(remat=remat, **architecture), optimizer, 0)
     batch = jnp.zeros((1, 4, 33), jnp.int32)  # [accumulation, batch, seq + 1]
     step = functools.partial(optimizer_step, graphdef=graphdef, optimizer=optimizer, telemetry=True)
     assert _cudnn_calls(_for_cuda(step, state, batch)) == (forwards, 1)
