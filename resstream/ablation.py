@@ -38,7 +38,7 @@ from resstream.interventions import (
 from resstream.lane_plan import LanePlan, Schedule, make_schedule, plan_lanes
 from resstream.losses import next_token_loss
 from resstream.matmul import matmul, matmul_precision
-from resstream.memory import resolve_budget, run_within
+from resstream.memory import plan_budget, run_within
 from resstream.model import Cache, Transformer, check_tokens
 from resstream.sharding import mesh_context
 from resstream.vectorised import run_lanes
@@ -223,7 +223,7 @@ def _run_sweep(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(baseline, losses [n_jobs], direct effects [n_jobs] or None), within the memory budget."""
     schedule = make_schedule(model, ablation)
-    budget = resolve_budget(memory_budget)
+    budget = plan_budget(memory_budget, (model, tokens))
     plan = plan_lanes(model, *tokens.shape, schedule, budget, chunk_size=chunk_size, group_size=group_size)
     graphdef, state = nnx.split(model)
     static = {"graphdef": graphdef, "schedule": schedule, "labels": labels, "plan": plan, "direct": direct}

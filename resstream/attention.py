@@ -79,10 +79,10 @@ def visible(q_at: int, q_len: int, k_at: int, k_len: int, window: int | None) ->
     """[q_len, k_len]: whether the query at position q_at + i may look at the key at k_at + j."""
     q_pos = q_at + jnp.arange(q_len)[:, None]
     k_pos = k_at + jnp.arange(k_len)[None, :]
-    visible = k_pos <= q_pos
+    mask = k_pos <= q_pos
     if window is not None:
-        visible &= k_pos > q_pos - window
-    return visible
+        mask &= k_pos > q_pos - window
+    return mask
 
 
 def _scores(q: jax.Array, k: jax.Array, q_at: int, k_at: int, window: int | None) -> jax.Array:

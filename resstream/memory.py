@@ -13,10 +13,11 @@ does not fit the call raises `MemoryBudgetError` before anything runs.
     >>> measured[0].peak / 2**30
 
 The budget defaults to `DEFAULT_FRACTION` of the device's memory: what XLA may allocate on a GPU or
-TPU, the machine's physical memory on CPU. With the default budget a GPU or TPU call must also fit in
-what is free there now: the peak less the arguments already on the device must fit in the bytes not
-in use (arrays a notebook still holds are in use), so a call that would run out of device memory
-shrinks its plan or raises `MemoryBudgetError` instead. A budget given explicitly is the whole check.
+TPU, the machine's physical memory on CPU. With the default budget a call on GPUs or TPUs must also
+fit the room on each of its devices now (`room_now`: the free bytes plus what its arguments already
+hold there; arrays a notebook still holds are not free), so a call that would run out of device
+memory shrinks its plan or raises `MemoryBudgetError` instead. That check is skipped on many hosts,
+where every host must choose the same plan. A budget given explicitly is the whole check.
 Inside a user's `jit` nothing is compiled separately, so
 nothing is checked there: the call inlines into the user's program with the plan it would start from.
 """
@@ -51,26 +52,46 @@ def device_memory(device: jax.Device | None = None) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def free_device_memory(device: jax.Device | None = None) -> int | None:
+def free_device_memory(device: jax.Device) -> int | None:
     """Bytes XLA can still allocate on a GPU or TPU now (its limit less what is in use); None on CPU,
     or where the device reports no such statistics."""
-    device = device or jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats or "bytes_in_use" not in stats:
         return None
     return int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
 
 
-def resident_bytes(leaves: list, device: jax.Device | None = None) -> int:
-    """Bytes of `leaves` already held on `device` (default: the first): jax arrays' shards there."""
-    device = device or jax.devices()[0]
-    return sum(
-        shard.data.nbytes
-        for x in leaves
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-        for shard in x.addressable_shards
-        if shard.device == device
-    )
+def _concrete(leaves: list) -> list[jax.Array]:
+    return [x for x in leaves if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+
+
+def resident_bytes(leaves: list, device: jax.Device) -> int:
+    """Bytes of `leaves` already held on `device`: the jax arrays' shards there."""
+    return sum(shard.data.nbytes for x in _concrete(leaves) for shard in x.addressable_shards if shard.device == device)
+
+
+def room_now(leaves: list) -> int | None:
+    """The bytes a call on `leaves` may take on its tightest device now: there, the free bytes plus
+    those its arguments already hold. None on CPU, where a device reports no statistics, and on many
+    hosts (each host would read its own devices, and every host must choose the same plan)."""
+    if jax.process_count() > 1:
+        return None
+    devices = {d for x in _concrete(leaves) for d in x.sharding.device_set} or {jax.local_devices()[0]}
+    rooms = []
+    for device in devices:
+        free = free_device_memory(device)
+        if free is None:
+            return None
+        rooms.append(free + resident_bytes(leaves, device))
+    return min(rooms)
+
+
+def plan_budget(budget: int | None, args: Any) -> int:
+    """The budget a call's first plan is sized for: `budget` (resolved), and with the default budget
+    at most the room on the device now (`room_now`), so a tight device does not start with a plan
+    that must be halved and compiled again."""
+    room = room_now(jax.tree.leaves(args)) if budget is None else None
+    return resolve_budget(budget) if room is None else min(resolve_budget(budget), room)
 
 
 def resolve_budget(budget: int | None) -> int:
@@ -101,10 +122,9 @@ class Measured:
     peak: int
     budget: int
     plan: Any = None
-    # With the default budget on a GPU or TPU: the bytes free on the device when the call was
-    # checked, and the bytes of its arguments already there (peak - resident had to fit in free).
-    free: int | None = None
-    resident: int = 0
+    # With the default budget on a GPU or TPU, the room on the device when the call was checked
+    # (`room_now`), which the peak had to fit as well.
+    room: int | None = None
 
 
 _measuring: contextvars.ContextVar[list[Measured] | None] = contextvars.ContextVar("measuring", default=None)
@@ -114,7 +134,9 @@ _measuring: contextvars.ContextVar[list[Measured] | None] = contextvars.ContextV
 def measure_only() -> Iterator[list[Measured]]:
     """Within this block budgeted calls compile and record a `Measured` in the yielded list, and
     return abstract results (`jax.ShapeDtypeStruct`s) without running. Inputs may be abstract too
-    (a model from `nnx.eval_shape`), so a call too big for this machine can still be accounted."""
+    (a model from `nnx.eval_shape`), so a call too big for this machine can still be accounted; give
+    it a `memory_budget=`, since the default one on a GPU or TPU also fits the room there now, in
+    which abstract inputs hold nothing."""
     measured: list[Measured] = []
     token = _measuring.set(measured)
     try:
@@ -172,33 +194,32 @@ def run_within(
     leaves, treedef = jax.tree.flatten(args)
     if any(isinstance(x, jax.core.Tracer) for x in leaves) or jax.config.jax_disable_jit:
         return fn(*args, **static)  # inside a user's jit (or none): nothing to check
-    free = free_device_memory() if budget is None else None
-    resident = resident_bytes(leaves) if free is not None else 0
+    room = room_now(leaves) if budget is None else None
     budget = resolve_budget(budget)
     while True:
         compiled, peak = _compile(fn, leaves, treedef, static)
-        if peak <= budget and (free is None or peak - resident <= free):
+        if peak <= budget and (room is None or peak <= room):
             break
         plan = smaller(static["plan"]) if smaller is not None and "plan" in static else None
         if plan is None:
-            raise MemoryBudgetError(_too_big(what, peak, budget, free, resident, hint))
+            raise MemoryBudgetError(_too_big(what, peak, budget, room, hint))
         static["plan"] = plan
     measured = _measuring.get()
     if measured is not None:
-        measured.append(Measured(what, peak, budget, static.get("plan"), free, resident))
+        measured.append(Measured(what, peak, budget, static.get("plan"), room))
         return jax.eval_shape(lambda *a: fn(*a, **static), *args)
     return compiled(leaves)
 
 
-def _too_big(what: str, peak: int, budget: int, free: int | None, resident: int, hint: str) -> str:
-    """The error for a call whose smallest plan does not fit: over its budget, or over what is free."""
+def _too_big(what: str, peak: int, budget: int, room: int | None, hint: str) -> str:
+    """The error for a call whose smallest plan does not fit: over its budget, or over the room now."""
     if peak > budget:
         return (
             f"{what} needs {gib(peak)} of device memory (XLA's compiled peak), over its budget of {gib(budget)}"
             f"{hint}; or raise memory_budget= (in bytes) if the device has the room"
         )
     return (
-        f"{what} needs {gib(peak - resident)} of device memory beyond its arguments (XLA's compiled peak), but "
-        f"only {gib(free)} is free on the device now{hint}; or free arrays you no longer need (caches, "
-        "other models), or pass memory_budget= (in bytes) to check against a budget of your own instead"
+        f"{what} needs {gib(peak)} of device memory (XLA's compiled peak), but the device has only {gib(room)} "
+        f"now (what is free, and what the call's arguments hold there){hint}; or free arrays you no longer "
+        "need (caches, other models), or pass memory_budget= (in bytes) to check against a budget of your own"
     )

@@ -23,7 +23,7 @@ from flax import nnx, struct
 
 from resstream.interventions import AblationError, no_ablation, stack, zero_replacement
 from resstream.lane_plan import LanePlan, Schedule, make_schedule, plan_lanes
-from resstream.memory import resolve_budget, run_within
+from resstream.memory import plan_budget, run_within
 from resstream.model import Transformer, check_tokens
 from resstream.sharding import mesh_context
 from resstream.vectorised import run_lanes
@@ -127,7 +127,7 @@ def _run(
     n_jobs = len(layers)
     masks = stack([no_ablation(model.cfg)] * n_jobs)
     schedule = make_schedule(model, masks, patch_layers=layers)
-    budget = resolve_budget(memory_budget)
+    budget = plan_budget(memory_budget, (model, clean, corrupted))
     plan = plan_lanes(
         model,
         *clean.shape,

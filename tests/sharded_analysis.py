@@ -2,9 +2,11 @@
 parameters sharded over a data x fsdp x tensor = 2 x 2 x 2 mesh and its tokens split over the
 batch, against the model on one device. Prints, as JSON, the largest relative differences of the
 forward pass, the cache, the decomposition, an ablation sweep and a patching grid, the last two
-also as a deep model runs them (in cohorts through one loop over the layers)."""
+also as a deep model runs them (in cohorts through one loop over the layers); and the bytes each
+device holds of the sharded parameters, as `resstream.memory` counts them."""
 
 import json
+import math
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -74,4 +76,13 @@ result = {name: relative(got[name], expected[name]) for name in expected}
 result["W_Q"] = str(sharded.blocks.attn.W_Q[...].sharding.spec)
 logits, cache = sharded.run_with_cache(jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp")))))
 result["specs"] = {name: str(x.sharding.spec) for name, x in {"logits": logits, **cache}.items()}
+# memory.room_now on the sharded parameters: each device holds its shards (shapes from the
+# shardings), and the room is the tightest device's free bytes (stubbed) plus what it holds.
+leaves = jax.tree.leaves(params)
+result["resident"] = [
+    [memory.resident_bytes(leaves, d), sum(math.prod(x.sharding.shard_shape(x.shape)) * x.itemsize for x in leaves)]
+    for d in jax.devices()
+]
+memory.free_device_memory = lambda device: 1000 * (1 + device.id % 3)
+result["room"] = [memory.room_now(leaves), 1000 + memory.resident_bytes(leaves, jax.devices()[3])]
 print(json.dumps(result))

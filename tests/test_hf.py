@@ -474,21 +474,28 @@ def test_a_model_sharded_across_two_hosts_saves_whole_from_process_0(tmp_path):
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = str(root / "tests" / "two_hosts_hf.py")
-    hosts = [
-        subprocess.Popen([sys.executable, script, str(i), str(port), str(tmp_path)], cwd=root, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=xla_env(devices=None))
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [host.communicate(timeout=300) for host in hosts]
-    for host, (_, err) in zip(hosts, outputs, strict=True):
-        assert host.returncode == 0, err[-3000:]
-    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    script, out = str(root / "tests" / "two_hosts_hf.py"), tmp_path / "out"
+    out.mkdir()
+    logs = [(tmp_path / f"host{i}.out", tmp_path / f"host{i}.err") for i in range(2)]
+    hosts = []
+    try:  # output to files (a full pipe would block a host); no host outlives the test
+        for i, (stdout, stderr) in enumerate(logs):
+            with stdout.open("w") as o, stderr.open("w") as e:
+                command = [sys.executable, script, str(i), str(port), str(out)]
+                hosts.append(subprocess.Popen(command, cwd=root, stdout=o, stderr=e, env=xla_env(devices=None)))
+        for host in hosts:
+            host.wait(timeout=300)
+    finally:
+        for host in hosts:
+            host.kill()
+    for host, (_, stderr) in zip(hosts, logs, strict=True):
+        assert host.returncode == 0, stderr.read_text()[-3000:]
+    reports = [json.loads(stdout.read_text().strip().splitlines()[-1]) for stdout, _ in logs]
     assert all(r["across_hosts"] for r in reports)
     assert "export exists: choose a new directory" in reports[0]["again"]
-    assert "process 0 refused to write the checkpoint" in reports[1]["again"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no partial directory left
-    loaded, _ = hf.load(tmp_path / "export")
+    assert "process 0 could not write the Hugging Face checkpoint: see its error" in reports[1]["again"]
+    assert sorted(p.name for p in out.iterdir()) == ["export"]  # no partial directory left
+    loaded, _ = hf.load(out / "export")
     expected, got = (
         {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(nnx.state(m, nnx.Param))}
         for m in (Transformer(two_hosts_hf.CFG, rngs=nnx.Rngs(0)), loaded)

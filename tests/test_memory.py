@@ -62,48 +62,52 @@ def test_a_deep_models_sweep_shrinks_its_cohorts_to_fit_the_budget(monkeypatch):
     np.testing.assert_allclose(sweep(memory_budget=roomy.peak - 1).loss, sweep(memory_budget=BIG).loss, rtol=1e-6)
 
 
-def test_on_a_gpu_the_default_budget_also_keeps_a_call_within_what_is_free_now(monkeypatch):
-    """With the default budget, a call on a GPU or TPU must also fit what is free there now: its
-    peak less its arguments already on the device within the free bytes. A sweep shrinks its plan
-    to do so (same results) and refuses when nothing fits; a budget given explicitly is the whole
-    check. The device's statistics are stubbed: a CPU reports none."""
+def test_on_a_gpu_the_default_budget_also_keeps_a_call_within_the_room_there_now(monkeypatch):
+    """With the default budget, a call on a GPU or TPU must also fit the room on its device now:
+    the free bytes plus what its arguments already hold there. A sweep shrinks its plan to do so
+    (same results), and a sweep and a patching grid refuse when nothing fits; a budget given
+    explicitly is the whole check. The device's free bytes are stubbed: a CPU reports none."""
     model, tokens, _, _ = built()
 
     def sweep(**kw):
         return ablation.ablation_sweep(model, tokens, "heads", chunk_size=12, **kw)
 
     (on_cpu,) = _measured(sweep)
-    assert on_cpu.free is None and on_cpu.resident == 0
-    monkeypatch.setattr(memory, "free_device_memory", lambda device=None: BIG)
+    assert on_cpu.room is None
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: BIG)
     (roomy,) = _measured(sweep)
-    assert roomy.plan == on_cpu.plan and roomy.free == BIG
-    params = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-    assert params <= roomy.resident < roomy.peak  # the parameters are on the device already
+    assert roomy.plan == on_cpu.plan
+    resident = roomy.room - BIG  # the arguments already on the device: at least the parameters
+    assert sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) <= resident < roomy.peak
 
-    free = roomy.peak - roomy.resident - 1  # one byte short of the first plan's new allocations
-    monkeypatch.setattr(memory, "free_device_memory", lambda device=None: free)
+    free = roomy.peak - resident - 1  # one byte short of the first plan
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: free)
     (fitted,) = _measured(sweep)
-    assert fitted.peak - fitted.resident <= free and fitted.plan.lanes < roomy.plan.lanes
+    assert fitted.peak <= fitted.room == free + resident and fitted.plan.lanes < roomy.plan.lanes
     assert fitted.peak <= fitted.budget  # the fraction of the device's memory still holds too
     np.testing.assert_allclose(sweep().loss, sweep(memory_budget=BIG).loss, rtol=1e-6)
 
-    monkeypatch.setattr(memory, "free_device_memory", lambda device=None: 1 << 10)
-    with pytest.raises(MemoryBudgetError, match=r"only 0.00 GiB is free on the device now: use fewer .* free arrays"):
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1 << 10)
+    with pytest.raises(MemoryBudgetError, match=r"the device has only 0.00 GiB now .* fewer .* free arrays"):
         sweep()
     corrupted = np.asarray(tokens)[:, ::-1].copy()
-    with pytest.raises(MemoryBudgetError, match="free on the device now"):
+    with pytest.raises(MemoryBudgetError, match="the device has only"):
         patching.patch_resid(model, tokens, corrupted, 1, 2)
-    sweep(memory_budget=BIG)  # an explicit budget: free memory is not checked
+    sweep(memory_budget=BIG)  # an explicit budget: the room now is not checked
 
 
-def test_free_device_memory_is_the_limit_less_what_is_in_use_and_resident_bytes_count_device_arrays():
+def test_the_room_now_is_the_free_bytes_plus_what_the_arguments_hold_there(monkeypatch):
     gpu = SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 100, "bytes_in_use": 30})
     assert memory.free_device_memory(gpu) == 70
     assert memory.free_device_memory(SimpleNamespace(platform="gpu", memory_stats=lambda: None)) is None
     assert memory.free_device_memory(SimpleNamespace(platform="cpu")) is None
-    device = jax.devices()[0]
+    device = jax.devices()[0]  # several devices: tests/sharded_analysis.py
     on_device = jax.device_put(jnp.ones((4, 8), jnp.float32), device)
-    assert memory.resident_bytes([on_device, np.ones(100), 3.0], device) == 4 * 8 * 4
+    leaves = [on_device, np.ones(100), 3.0]
+    assert memory.resident_bytes(leaves, device) == 4 * 8 * 4
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1000)
+    assert memory.room_now(leaves) == 1000 + 4 * 8 * 4
+    assert memory.room_now([np.ones(100)]) == 1000  # nothing on a device: the default one's free bytes
 
 
 def test_patching_and_deletion_fit_their_budget():

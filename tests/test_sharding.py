@@ -90,6 +90,10 @@ def test_analysis_sweeps_and_patching_run_on_a_sharded_model():
     on their batch axis over data x fsdp, like the tokens (z's heads over tensor too)."""
     result = _eight_devices("sharded_analysis.py")
     assert result.pop("W_Q") == "P(None, 'tensor', 'fsdp', None)"
+    for counted, expected in result.pop("resident"):  # each device: its shards' bytes
+        assert counted == expected > 0
+    room, expected_room = result.pop("room")  # devices 0, 3 and 6 report the least free bytes
+    assert room == expected_room
     specs = result.pop("specs")
     batch = "('data', 'fsdp')"
     for name, spec in specs.items():

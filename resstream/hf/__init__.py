@@ -248,43 +248,53 @@ def save(
     replaced only with `overwrite=True`.
 
     On many hosts (`jax.distributed`), call it on every host with the same arguments: parameters
-    sharded across hosts are gathered (a collective) and process 0 writes. When process 0 cannot
-    write to `path`, every host raises an HFError (process 0's says why)."""
+    sharded across hosts are gathered (a collective) and process 0 writes. Every host returns once
+    the checkpoint is written, and raises if process 0 could not write it (process 0's error says
+    why; the others' HFError points to it)."""
     path = Path(path).expanduser()
-    _same_on_every_host(_target_problem(path, overwrite) if jax.process_index() == 0 else None)
     cfg = model.cfg
+    _on_process_0(lambda: _check_target(path, overwrite))  # before the gathers: no host waits in one
     params = {
         ".".join(str(k.key) for k in p): _on_this_host(v)
         for p, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     }
-    hf_config, tensors = export(cfg, params.get)
-    if jax.process_index() != 0:
-        return
-    tokenizer_json = _tokenizer_json(tokenizer, cfg)
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # AutoTokenizer then takes tokenizer.json as it is
-        "model_max_length": cfg.n_ctx,
-        "clean_up_tokenization_spaces": False,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_directory(path, lambda out: _write(out, hf_config, tensors, tokenizer_json, tokenizer_config))
+
+    def write() -> None:
+        hf_config, tensors = export(cfg, params.get)
+        tokenizer_json = _tokenizer_json(tokenizer, cfg)
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # AutoTokenizer then takes tokenizer.json as it is
+            "model_max_length": cfg.n_ctx,
+            "clean_up_tokenization_spaces": False,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_directory(path, lambda out: _write(out, hf_config, tensors, tokenizer_json, tokenizer_config))
+
+    _on_process_0(write)
 
 
-def _target_problem(path: Path, overwrite: bool) -> str | None:
-    """Why `save` may not write to `path`, or None."""
+def _check_target(path: Path, overwrite: bool) -> None:
+    """HFError if `save` may not write to `path`."""
     if path.exists() and not (overwrite and path.is_dir()) and not (path.is_dir() and not any(path.iterdir())):
-        return f"{path} exists: choose a new directory, or pass overwrite=True to replace it"
-    return None
+        raise HFError(f"{path} exists: choose a new directory, or pass overwrite=True to replace it")
 
 
-def _same_on_every_host(problem: str | None) -> None:
-    """Raise HFError(`problem`) (found on process 0) on every host, so that none goes on to wait in
-    the gather for a host that stopped."""
-    if jax.process_count() > 1:
-        stopped = int(multihost_utils.broadcast_one_to_all(np.int32(problem is not None)))
-        problem = problem or ("process 0 refused to write the checkpoint: see its error" if stopped else None)
-    if problem:
-        raise HFError(problem)
+def _on_process_0(work: Callable[[], None]) -> None:
+    """Run `work` on process 0 alone. On many hosts every host then learns whether it raised (a
+    broadcast, which also holds the others until it is done) and raises too if it did."""
+    if jax.process_count() == 1:
+        return work()
+    error = None
+    if jax.process_index() == 0:
+        try:
+            work()
+        except Exception as err:  # any failure must reach the broadcast, or the other hosts wait forever
+            error = err
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed:
+        raise HFError("process 0 could not write the Hugging Face checkpoint: see its error")
 
 
 def _on_this_host(x: jax.Array) -> np.ndarray:
