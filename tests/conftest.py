@@ -7,6 +7,9 @@ import os
 # Tests check values, not speed: skip LLVM's optimisation passes, which dominate compile time for
 # tiny models. Set before JAX starts; a caller's XLA_FLAGS are kept.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# On a GPU, JAX takes 75% of its memory at start: tests that run processes side by side (a run and
+# a second one refused by its lock) would run out. Nothing changes on a CPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 import dataclasses
@@ -48,13 +51,15 @@ _share_compiled_programs()
 
 
 def xla_env(devices: int | None = None, *, optimised: bool = False) -> dict[str, str]:
-    """The environment for a subprocess: this one's XLA_FLAGS (the optimisation level above, or with
-    `optimised` XLA's default level) with `devices` CPU devices, or XLA's default of one when None."""
+    """The environment for a subprocess on the CPU: this one's XLA_FLAGS (the optimisation level
+    above, or with `optimised` XLA's default level) with `devices` CPU devices, or XLA's default of
+    one when None. JAX_PLATFORMS=cpu, so that on a GPU machine too these subprocesses (meshes of CPU
+    devices, hosts with one CPU device each) run as here rather than sharing the GPU."""
     dropped = ("--xla_force_host_platform_device_count", *(("--xla_backend_optimization_level",) if optimised else ()))
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
-    return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
 
 
 def json_report(args: list[str], env: dict[str, str], timeout: float = 600, **kwargs) -> dict:
