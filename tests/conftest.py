@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 
-# Tests check values, not speed: skip LLVM's optimisation passes, which dominate compile time for
-# tiny models. Set before JAX starts; a caller's XLA_FLAGS are kept.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-# On a GPU, JAX takes 75% of its memory at start: tests that run processes side by side (a run and
-# a second one refused by its lock) would run out. Nothing changes on a CPU.
+# Tests check values, not speed: on a CPU, skip LLVM's optimisation passes, which dominate compile
+# time for tiny models. On an NVIDIA GPU machine keep XLA's optimisation (its GPU backend is made
+# for it), make its scatter-adds deterministic (the embedding gradient; the bit-for-bit tests need
+# it), and leave JAX's memory unallocated until used (JAX takes 75% at start otherwise). Set before
+# JAX starts; a caller's XLA_FLAGS are kept.
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_gpu_deterministic_ops=true"
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu" and shutil.which("nvidia-smi")
+    else "--xla_backend_optimization_level=0",
+]).strip()  # fmt: skip
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -50,13 +57,18 @@ def _share_compiled_programs() -> None:
 _share_compiled_programs()
 
 
+CPU_QUICK_COMPILE = "--xla_backend_optimization_level=0"
+
+
 def xla_env(devices: int | None = None, *, optimised: bool = False) -> dict[str, str]:
-    """The environment for a subprocess on the CPU: this one's XLA_FLAGS (the optimisation level
-    above, or with `optimised` XLA's default level) with `devices` CPU devices, or XLA's default of
-    one when None. JAX_PLATFORMS=cpu, so that on a GPU machine too these subprocesses (meshes of CPU
-    devices, hosts with one CPU device each) run as here rather than sharing the GPU."""
-    dropped = ("--xla_force_host_platform_device_count", *(("--xla_backend_optimization_level",) if optimised else ()))
+    """The environment for a subprocess on the CPU: this one's XLA_FLAGS with `CPU_QUICK_COMPILE`
+    (or with `optimised`, XLA's default optimisation level) and `devices` CPU devices, or XLA's
+    default of one when None. JAX_PLATFORMS=cpu, so that on a GPU machine too these subprocesses
+    (train.py runs, meshes of CPU devices, hosts with one CPU device each) run as they do here
+    rather than all on the one GPU."""
+    dropped = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level")
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(dropped)]
+    flags += [] if optimised else [CPU_QUICK_COMPILE]
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}

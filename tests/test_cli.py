@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_env
 from resstream.cli import main, train_main
 from resstream.data import ByteTokenizer
 from resstream.runs import load_run
@@ -17,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    """train.py as a user runs it, from the shell."""
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """train.py as a user runs it, from the shell (on the CPU, as everywhere: `xla_env`)."""
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=xla_env()
+    )
 
 
 @pytest.mark.slow
@@ -160,7 +163,7 @@ assert backend() == before, (backend(), before)
 assert logging.getLogger("absl").level == absl_level
 assert "matplotlib.pyplot" not in sys.modules
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=xla_env())
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -43,7 +43,7 @@ def test_dense_under_vmap_matches_each_lane():
     x, w = jax.random.normal(jax.random.key(0), (3, 4, 8)), jax.random.normal(jax.random.key(1), (8, 5))
     grads = jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(dense(x, w)))))(x)
     for lane in range(3):
-        expected = jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))(x[lane])
+        expected = jax.grad(lambda x: jnp.sum(jnp.sin(jnp.matmul(x, w, precision="highest"))))(x[lane])
         np.testing.assert_allclose(grads[lane], expected, rtol=1e-5, atol=1e-6)
 
 

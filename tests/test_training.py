@@ -1,7 +1,6 @@
 """Real training runs of a tiny model on a slice of the built-in corpus."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -80,7 +79,7 @@ def _train_process(config_overrides: list[str], run_dir: Path) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
+        env=xla_env(),
     )
 
 
