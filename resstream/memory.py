@@ -17,9 +17,9 @@ TPU, the machine's physical memory on CPU. With the default budget a call on GPU
 fit the room on each of its devices now (`room_now`: the free bytes plus what its arguments already
 hold there; arrays a notebook still holds are not free), so a call that would run out of device
 memory shrinks its plan or raises `MemoryBudgetError` instead. That check is skipped on many hosts,
-where every host must choose the same plan. A budget given explicitly is the whole check.
-Inside a user's `jit` nothing is compiled separately, so
-nothing is checked there: the call inlines into the user's program with the plan it would start from.
+where every host must choose the same plan. A budget given explicitly is the whole check. Inside a
+user's `jit` nothing is compiled separately, so nothing is checked there: the call inlines into the
+user's program with the plan it would start from.
 """
 
 from __future__ import annotations
