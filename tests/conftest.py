@@ -74,6 +74,19 @@ def xla_env(devices: int | None = None, *, optimised: bool = False) -> dict[str,
     return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
 
 
+def stub_cudnn_checks(monkeypatch, capability: str = "9.0") -> None:
+    """jax's cuDNN version and GPU checks answered as on an NVIDIA GPU of `capability` with cuDNN
+    9.10, so that cuDNN attention traces and lowers for CUDA on this CPU (never compiles); the test
+    is skipped if a JAX version moves them."""
+    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(cudnn, n) for n in ("check_cudnn_version", "check_compute_capability")):
+        pytest.skip("this JAX checks cuDNN's version or the GPU elsewhere")
+    version = lambda text: tuple(map(int, text.split(".")))  # noqa: E731
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda wanted: version(capability) >= version(wanted))
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda wanted: wanted == capability)
+
+
 def json_report(args: list[str], env: dict[str, str], timeout: float = 600, **kwargs) -> dict:
     """Run `python *args` in a process of its own; the JSON object its last line of output prints."""
     import json

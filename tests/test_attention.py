@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import resstream.attention as attention
+from conftest import stub_cudnn_checks
 from resstream.attention import causal_attention
 from resstream.devices import cudnn_max_d_head
 
@@ -90,10 +91,7 @@ def test_remat_dots_keeps_cudnn_attentions_outputs_for_the_backward(monkeypatch,
     """On an NVIDIA GPU, remat "dots" keeps cuDNN's z and softmax statistics, so the backward does
     not run the fused forward again. Traced here, never compiled, with cuDNN's version check stubbed
     (jax's own module; skipped if a JAX version moves it)."""
-    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-    if not hasattr(cudnn, "check_cudnn_version"):
-        pytest.skip("this JAX checks cuDNN's version elsewhere")
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    stub_cudnn_checks(monkeypatch)
     q = jnp.ones((2, 128, 4, 64), jnp.bfloat16)
 
     def loss(q, k, v):
@@ -110,13 +108,7 @@ def test_cudnn_takes_the_head_widths_resstream_gives_it_on_each_gpu(monkeypatch,
     """`cudnn_max_d_head` agrees with jax's own check of cuDNN's head width: on a GPU of this
     compute capability the widest head it allows lowers (gradient included) and 8 more are refused.
     Lowered for CUDA here, never compiled, with jax's version and capability checks stubbed."""
-    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-    if not all(hasattr(cudnn, name) for name in ("check_cudnn_version", "check_compute_capability")):
-        pytest.skip("this JAX checks cuDNN's version or the GPU elsewhere")
-    at_least = lambda wanted: tuple(map(int, capability.split("."))) >= tuple(map(int, wanted.split(".")))  # noqa: E731
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn, "check_compute_capability", at_least)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda wanted: wanted == capability)
+    stub_cudnn_checks(monkeypatch, capability)
     widest = cudnn_max_d_head(SimpleNamespace(compute_capability=capability))
 
     def lower(d_head: int) -> str:

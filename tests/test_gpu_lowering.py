@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import resstream.layers as layers
+from conftest import stub_cudnn_checks
 from resstream import ModelConfig, Transformer, analysis, devices
 from resstream.ablation import ablation_sweep
 from resstream.train import OptimizerConfig, init_state, make_optimizer, optimizer_step
@@ -25,12 +26,7 @@ CUDNN_CALL, BACKWARD = re.compile(r"custom_call @__cudnn\$fmha\w*"), "Backward"
 
 @pytest.fixture
 def on_an_h100(monkeypatch):
-    cudnn = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-    if not all(hasattr(cudnn, n) for n in ("check_cudnn_version", "check_compute_capability")):
-        pytest.skip("this JAX checks cuDNN's version or the GPU elsewhere")
-    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(cudnn, "check_compute_capability", lambda wanted: float(wanted) <= 9.0)
-    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda wanted: wanted == "9.0")
+    stub_cudnn_checks(monkeypatch, H100.compute_capability)
     monkeypatch.setattr(layers, "attention_implementation", lambda cfg: devices.attention_implementation(cfg, H100))
 
 
